@@ -1,0 +1,234 @@
+"""SpectralMoELayer: wraps one ViT block and refines its patch tokens after it runs.
+
+Per adapter and block it owns the experts' low-rank tokens (A, B) and the gates of both streams; the modules the
+paper shares across blocks (W_t2f, W_delta, the scale s, the depth projection) live on the tuner and are reached
+through ``SharedModules``, so they are stored once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+from .config import SpectralMoEConfig
+from .context import ForwardContext, RoutingStats
+from .experts import expert_mixture, expert_tokens, expert_values
+from .fusion import fuse
+from .routing import route
+
+
+@dataclass
+class SharedModules:
+    """References to the tuner's cross-block modules (plain object: not registered as submodules of each layer)."""
+
+    token_to_feature: nn.ModuleDict  # adapter -> Linear(D, D): W_t2f
+    delta: nn.ModuleDict  # adapter -> Linear(D, D): W_delta
+    scale: nn.ParameterDict  # adapter -> scalar s
+    depth_projection: nn.ModuleDict  # adapter -> Linear(D_depth, D), only when widths differ
+    context: ForwardContext
+
+
+class SpectralMoELayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = (
+        "spectralmoe_A",
+        "spectralmoe_B",
+        "spectralmoe_gate_visual",
+        "spectralmoe_gate_visual_noise",
+        "spectralmoe_gate_depth",
+        "spectralmoe_gate_depth_noise",
+    )
+    other_param_names = ()
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: SpectralMoEConfig,
+        *,
+        block_index: int,
+        num_blocks: int,
+        hidden_size: int,
+        num_prefix_tokens: int,
+        shared: SharedModules,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.block_index = block_index
+        self.num_blocks = num_blocks
+        self.hidden_size = hidden_size
+        self.num_prefix_tokens = num_prefix_tokens
+        self.spectralmoe_A = nn.ParameterDict({})  # adapter -> (E, M, r)
+        self.spectralmoe_B = nn.ParameterDict({})  # adapter -> (E, r, D)
+        self.spectralmoe_gate_visual = nn.ParameterDict({})  # adapter -> (E, D)
+        self.spectralmoe_gate_visual_noise = nn.ParameterDict({})  # adapter -> (D, E)
+        self.spectralmoe_gate_depth = nn.ParameterDict({})  # adapter -> (E, D), absent if gates are shared
+        self.spectralmoe_gate_depth_noise = nn.ParameterDict({})
+        self.spectralmoe_configs: dict[str, SpectralMoEConfig] = {}
+        self._shared = shared
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: SpectralMoEConfig) -> None:
+        """Create (and initialize) the parameters of ``adapter_name`` in this block."""
+        num_experts, rank, num_tokens, dim = config.num_experts, config.expert_rank, config.num_tokens, self.hidden_size
+        reference = next(self.base_layer.parameters(), None)
+        factory = {"device": reference.device if reference is not None else None}
+        self.spectralmoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts, num_tokens, rank, **factory))
+        self.spectralmoe_B[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, dim, **factory))
+        self.spectralmoe_gate_visual[adapter_name] = nn.Parameter(torch.empty(num_experts, dim, **factory))
+        self.spectralmoe_gate_visual_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts, **factory))
+        if config.use_depth and not config.share_gates:
+            self.spectralmoe_gate_depth[adapter_name] = nn.Parameter(torch.empty(num_experts, dim, **factory))
+            self.spectralmoe_gate_depth_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts, **factory))
+        self.spectralmoe_configs[adapter_name] = config
+        self.reset_parameters(adapter_name, config.init_weights)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights) -> None:
+        if self.spectralmoe_A[adapter_name].is_meta:
+            return
+        rank = self.spectralmoe_A[adapter_name].shape[-1]
+        bound = 1.0 / math.sqrt(rank)  # kaiming-uniform (a=sqrt(5)) of each A_e, as for LoRA's A
+        nn.init.uniform_(self.spectralmoe_A[adapter_name], -bound, bound)
+        if init_weights is False:
+            nn.init.normal_(self.spectralmoe_B[adapter_name], std=1.0)
+        else:
+            nn.init.zeros_(self.spectralmoe_B[adapter_name])
+        for gate, noise in (
+            (self.spectralmoe_gate_visual, self.spectralmoe_gate_visual_noise),
+            (self.spectralmoe_gate_depth, self.spectralmoe_gate_depth_noise),
+        ):
+            if adapter_name in gate:
+                nn.init.normal_(gate[adapter_name], std=1.0 / math.sqrt(self.hidden_size))
+                if init_weights is False:
+                    nn.init.normal_(noise[adapter_name], std=1.0 / math.sqrt(self.hidden_size))
+                else:
+                    nn.init.zeros_(noise[adapter_name])  # noise starts at softplus(0) + 1e-2 for every expert
+
+    # --- the refinement --------------------------------------------------------------------------------------------
+
+    def _gates(self, adapter_name: str, stream: str) -> tuple[Tensor, Tensor]:
+        if stream == "depth" and adapter_name in self.spectralmoe_gate_depth:
+            return self.spectralmoe_gate_depth[adapter_name], self.spectralmoe_gate_depth_noise[adapter_name]
+        return self.spectralmoe_gate_visual[adapter_name], self.spectralmoe_gate_visual_noise[adapter_name]
+
+    def _stream_delta(
+        self, tokens_in: Tensor, stream: str, adapter_name: str, tokens: Tensor, values: Tensor, valid
+    ) -> Tensor:
+        config = self.spectralmoe_configs[adapter_name]
+        gate, noise = self._gates(adapter_name, stream)
+        routed = route(
+            tokens_in,
+            gate,
+            noise,
+            top_k=config.top_k,
+            gating=config.gating,
+            noisy=config.noisy_gating and self.training,
+            valid=valid,
+        )
+        context = self._shared.context
+        context.aux_losses[(adapter_name, self.block_index, stream)] = (
+            config.balance_loss_weight * routed.balance_loss
+            + config.switch_loss_weight * routed.switch_loss
+            + config.router_z_loss_weight * routed.z_loss
+        )
+        probs = routed.probs.detach()
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        context.routing.setdefault(adapter_name, {}).setdefault(self.block_index, {})[stream] = RoutingStats(
+            expert_load=routed.expert_load,
+            topk_indices=routed.topk_indices.detach(),
+            gate_entropy=entropy,
+            grid=context.grid_for(tokens_in.shape[1]),
+        )
+        return expert_mixture(tokens_in, tokens, values, routed.combine_weights)
+
+    def refine_patch_tokens(self, feats: Tensor, depth: Optional[Tensor], adapter_name: str) -> Tensor:
+        """F <- F + s * W_delta(Phi + F). feats: (B, N, D) patch tokens; depth: (B, N, D) depth tokens or None.
+
+        Computed in the adapter's dtype (fp32 by default, even on a bf16 backbone); the update is cast back.
+        """
+        config = self.spectralmoe_configs[adapter_name]
+        shared = self._shared
+        dtype = self.spectralmoe_B[adapter_name].dtype
+        x = feats.to(dtype)
+        tokens = expert_tokens(self.spectralmoe_A[adapter_name], self.spectralmoe_B[adapter_name])  # E, M, D
+        values = expert_values(tokens, shared.token_to_feature[adapter_name])  # E, M, D: shared by both streams
+        valid = shared.context.token_mask
+        if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
+            valid = None
+        delta_visual = self._stream_delta(x, "visual", adapter_name, tokens, values, valid)
+        delta_depth = None
+        if config.use_depth and depth is not None:
+            delta_depth = self._stream_delta(depth.to(dtype), "depth", adapter_name, tokens, values, valid)
+        phi = fuse(delta_visual, delta_depth, config.fusion)  # B, N, D
+        update = shared.scale[adapter_name] * shared.delta[adapter_name](phi + x)
+        return feats + update.to(feats.dtype)
+
+    def _depth_for(self, adapter_name: str, feats: Tensor) -> Optional[Tensor]:
+        config = self.spectralmoe_configs[adapter_name]
+        if not config.use_depth:
+            return None
+        context = self._shared.context
+        grid = context.grid_for(feats.shape[1])
+        if grid is None:
+            raise ValueError(
+                f"Cannot tell the patch grid of {feats.shape[1]} visual tokens to align depth features with: pass "
+                "pixel_values to the model (its height and width give the grid)."
+            )
+        depth = context.depth_tokens(self.block_index, self.num_blocks, grid)  # B, N, C
+        if depth.shape[0] != feats.shape[0]:
+            raise ValueError(
+                f"Depth features have batch size {depth.shape[0]} but the images have {feats.shape[0]}."
+            )
+        projection = self._shared.depth_projection
+        if adapter_name in projection:
+            depth = projection[adapter_name](depth.to(projection[adapter_name].weight.dtype))  # B, N, D
+        elif depth.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"Depth features are {depth.shape[-1]} wide but the ViT is {self.hidden_size} wide: set "
+                f"SpectralMoEConfig(depth_hidden_size={depth.shape[-1]}) so a projection is trained."
+            )
+        return depth
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.base_layer(*args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.spectralmoe_A]
+        if self.disable_adapters or not active:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output  # B, P + N, D
+        prefix, feats = hidden[:, : self.num_prefix_tokens], hidden[:, self.num_prefix_tokens :]
+        for adapter_name in active:
+            feats = self.refine_patch_tokens(feats, self._depth_for(adapter_name, feats), adapter_name)
+        hidden = torch.cat([prefix, feats], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    # --- PEFT lifecycle ----------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(
+            "SpectralMoE adapters cannot be merged into the base weights: their routing depends on each input token. "
+            "Use unload() to get the base model back, or keep the adapter."
+        )
+
+    def unmerge(self) -> None:
+        return None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.spectralmoe_configs.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        for parameter in base_layer.parameters():
+            return parameter.device, parameter.dtype
+        return None, None
+
+    def __repr__(self) -> str:
+        return "spectralmoe." + super().__repr__()

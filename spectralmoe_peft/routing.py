@@ -1,0 +1,117 @@
+"""Gates, noisy top-k routing and the balance losses of one stream.
+
+Everything here runs in fp32 (also under autocast): routing decisions and their statistics are where low precision
+flips choices and overflows exponentials. No host syncs and no data-dependent control flow, so it compiles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_NOISE_EPSILON = 1e-2  # floor on the learned noise std, as in noisy top-k gating (Shazeer et al., 2017)
+_CV_EPSILON = 1e-10
+
+
+class RouterOutput(NamedTuple):
+    combine_weights: Tensor  # B, N, E: g_e(x) at the top-k experts, 0 elsewhere (fp32)
+    topk_indices: Tensor  # B, N, k
+    probs: Tensor  # B, N, E: softmax over all E (noisy in training) logits
+    balance_loss: Tensor  # scalar: cv^2(importance) + cv^2(load)
+    switch_loss: Tensor  # scalar: E * sum_e f_e P_e
+    z_loss: Tensor  # scalar: mean logsumexp(h)^2
+    expert_load: Tensor  # E: fraction of (valid) token-slots routed to each expert, detached
+
+
+def gate_logits(x: Tensor, weight: Tensor, gating: str) -> Tensor:
+    """Clean gate logits h_e(x) in fp32. x: (B, N, D); weight: (E, D) -> (B, N, E)."""
+    x = x.float()
+    weight = weight.float()
+    if gating == "softmax":
+        return x @ weight.t()
+    # squared distances through one matmul (memory linear in N); clamped against cancellation below zero
+    sq_dist = (x.pow(2).sum(-1, keepdim=True) - 2.0 * (x @ weight.t()) + weight.pow(2).sum(-1)).clamp_min(0.0)
+    if gating == "gaussian":
+        return -sq_dist
+    if gating == "laplace":
+        return -(sq_dist + 1e-12).sqrt()
+    raise ValueError(f"Unknown gating {gating!r}; expected 'softmax', 'laplace' or 'gaussian'.")
+
+
+def cv_squared(values: Tensor) -> Tensor:
+    """Squared coefficient of variation; 0 for a single expert (where it is undefined and meaningless)."""
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    values = values.float()
+    return values.var() / (values.mean().pow(2) + _CV_EPSILON)
+
+
+def _prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, top_k: int) -> Tensor:
+    """P(expert e is in the top-k | fresh noise on e only): the differentiable 'load' of noisy top-k gating."""
+    top_values = noisy.topk(top_k + 1, dim=-1).values  # B, N, k+1
+    threshold_if_in = top_values[..., top_k : top_k + 1]  # the (k+1)-th value: e stays in if it beats it
+    threshold_if_out = top_values[..., top_k - 1 : top_k]  # the k-th value: e gets in if it beats it
+    is_in = noisy > threshold_if_in
+    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+    prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+    prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+    return torch.where(is_in, prob_if_in, prob_if_out)
+
+
+def route(
+    x: Tensor,
+    gate_weight: Tensor,
+    noise_weight: Optional[Tensor],
+    *,
+    top_k: int,
+    gating: str,
+    noisy: bool,
+    valid: Optional[Tensor] = None,
+) -> RouterOutput:
+    """Route tokens x (B, N, D) to their top-k experts.
+
+    The gate values multiply the expert outputs (unlike the released code), so the router learns from the task loss
+    even with top_k = 1. ``noisy`` adds learned noise (training only). ``valid`` (B, N) keeps masked tokens (nodata)
+    out of the balance statistics.
+    """
+    clean = gate_logits(x, gate_weight, gating)  # B, N, E
+    num_experts = clean.shape[-1]
+    use_noise = noisy and noise_weight is not None
+    if use_noise:
+        noise_std = F.softplus(x.float() @ noise_weight.float()) + _NOISE_EPSILON  # B, N, E
+        logits = clean + torch.randn_like(clean) * noise_std
+    else:
+        logits = clean
+    probs = logits.softmax(dim=-1)  # B, N, E
+    topk_probs, topk_indices = probs.topk(top_k, dim=-1)  # B, N, k
+    if top_k > 1:
+        topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
+    combine_weights = torch.zeros_like(probs).scatter(-1, topk_indices, topk_probs)  # B, N, E
+    dispatch = torch.zeros_like(probs).scatter(-1, topk_indices, 1.0)  # B, N, E in {0, 1}
+
+    weight = clean.new_ones(clean.shape[:-1]) if valid is None else valid.to(clean.dtype)  # B, N
+    weight = weight.unsqueeze(-1)
+    importance = (combine_weights * weight).sum(dim=(0, 1))  # E
+    if use_noise and top_k < num_experts:
+        load = (_prob_in_top_k(clean, logits, noise_std, top_k) * weight).sum(dim=(0, 1))
+    else:
+        load = (dispatch * weight).sum(dim=(0, 1))
+    balance_loss = cv_squared(importance) + cv_squared(load)
+
+    num_valid = weight.sum().clamp_min(1.0)
+    dispatch_fraction = (dispatch * weight).sum(dim=(0, 1)) / (num_valid * top_k)  # E, sums to 1
+    mean_probs = (probs * weight).sum(dim=(0, 1)) / num_valid  # E
+    switch_loss = num_experts * (dispatch_fraction * mean_probs).sum()
+    z_loss = (logits.logsumexp(dim=-1).pow(2) * weight.squeeze(-1)).sum() / num_valid
+    return RouterOutput(
+        combine_weights=combine_weights,
+        topk_indices=topk_indices,
+        probs=probs,
+        balance_loss=balance_loss,
+        switch_loss=switch_loss,
+        z_loss=z_loss,
+        expert_load=dispatch_fraction.detach(),
+    )
