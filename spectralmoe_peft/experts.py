@@ -14,6 +14,8 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
+from .routing import at_least_fp32
+
 
 def expert_tokens(a: Tensor, b: Tensor) -> Tensor:
     """T = A B per expert. a: (E, M, r), b: (E, r, D) -> (E, M, D)."""
@@ -31,6 +33,6 @@ def expert_mixture(x: Tensor, tokens: Tensor, values: Tensor, combine_weights: T
     x: (B, N, D); tokens, values: (E, M, D); combine_weights: (B, N, E), zero outside each token's top-k.
     """
     scores = einsum(x, tokens, "b n d, e m d -> b n e m") / math.sqrt(x.shape[-1])
-    attention = scores.float().softmax(dim=-1)[..., 1:]  # B, N, E, M-1: the sink's share is dropped
+    attention = at_least_fp32(scores).softmax(dim=-1)[..., 1:]  # B, N, E, M-1: the sink's share is dropped
     weights = (attention * combine_weights.unsqueeze(-1)).to(values.dtype)
     return einsum(weights, values[:, 1:], "b n e m, e m d -> b n d")

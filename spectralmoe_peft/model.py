@@ -78,6 +78,7 @@ class SpectralMoEModel(BaseTuner):
         object.__setattr__(self, "_block_stack", None)
         handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         object.__setattr__(self, "_hook_handle", handle)
+        self._register_load_state_dict_pre_hook(self._check_adapter_state_dict)
 
     def _add_shared_modules(self, adapter_name: str, config: SpectralMoEConfig, stack: BlockStack) -> None:
         reference = next(self.model.parameters())
@@ -236,6 +237,48 @@ class SpectralMoEModel(BaseTuner):
         if handle is not None:
             handle.remove()
         return model
+
+    def _check_adapter_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Refuse incomplete or mismatched adapter weights (the released code only warned).
+
+        Runs on every load_state_dict that reaches the tuner (peft's loading does, in every version), and checks the
+        adapters whose weights the incoming state dict carries: each of their tensors must be present, with its shape.
+        """
+        scale_key = f"{prefix}spectralmoe_scale."
+        loading = {key[len(scale_key) :] for key in state_dict if key.startswith(scale_key)}
+        if not loading:
+            return
+        own = {f"{prefix}{key}": value for key, value in self.state_dict().items() if PREFIX in key}
+
+        def adapter_of(key: str) -> Optional[str]:
+            return next((name for name in loading if key.endswith(f".{name}") or f".{name}." in key), None)
+
+        expected = {key: value for key, value in own.items() if adapter_of(key) is not None}
+        incoming = {key: value for key, value in state_dict.items() if key.startswith(prefix) and PREFIX in key}
+        missing = sorted(set(expected) - set(incoming))
+        unexpected = sorted(set(incoming) - set(own))  # peft leaves keys it could not place un-renamed
+        mismatched = [
+            f"{key}: checkpoint {tuple(incoming[key].shape)} vs model {tuple(own[key].shape)}"
+            for key in sorted(set(own) & set(incoming))
+            if tuple(incoming[key].shape) != tuple(own[key].shape)
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} adapter tensors missing from the checkpoint, e.g. {missing[:3]}")
+        if unexpected:
+            problems.append(
+                f"{len(unexpected)} checkpoint tensors this model has no place for (was it trained on a deeper ViT or "
+                f"other blocks?), e.g. {unexpected[:3]}"
+            )
+        if mismatched:
+            problems.append(
+                f"{len(mismatched)} shape mismatches (was it trained on a ViT of another width, or with other "
+                f"num_experts/num_tokens/expert_rank?), e.g. {mismatched[:3]}"
+            )
+        if problems:
+            raise ValueError(
+                f"SpectralMoE adapter {sorted(loading)} does not fit this model: " + "; ".join(problems) + "."
+            )
 
     # --- depth model --------------------------------------------------------------------------------------------
 

@@ -26,10 +26,15 @@ class RouterOutput(NamedTuple):
     expert_load: Tensor  # E: fraction of (valid) token-slots routed to each expert, detached
 
 
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def gate_logits(x: Tensor, weight: Tensor, gating: str) -> Tensor:
-    """Clean gate logits h_e(x) in fp32. x: (B, N, D); weight: (E, D) -> (B, N, E)."""
-    x = x.float()
-    weight = weight.float()
+    """Clean gate logits h_e(x) in (at least) fp32. x: (B, N, D); weight: (E, D) -> (B, N, E)."""
+    x = at_least_fp32(x)
+    weight = weight.to(x.dtype)
     if gating == "softmax":
         return x @ weight.t()
     # squared distances through one matmul (memory linear in N); clamped against cancellation below zero
@@ -45,7 +50,7 @@ def cv_squared(values: Tensor) -> Tensor:
     """Squared coefficient of variation; 0 for a single expert (where it is undefined and meaningless)."""
     if values.numel() <= 1:
         return values.new_zeros(())
-    values = values.float()
+    values = at_least_fp32(values)
     return values.var() / (values.mean().pow(2) + _CV_EPSILON)
 
 
@@ -81,7 +86,7 @@ def route(
     num_experts = clean.shape[-1]
     use_noise = noisy and noise_weight is not None
     if use_noise:
-        noise_std = F.softplus(x.float() @ noise_weight.float()) + _NOISE_EPSILON  # B, N, E
+        noise_std = F.softplus(at_least_fp32(x) @ noise_weight.to(clean.dtype)) + _NOISE_EPSILON  # B, N, E
         logits = clean + torch.randn_like(clean) * noise_std
     else:
         logits = clean
