@@ -10,7 +10,7 @@ COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, in
 
 
 def _dinov2(**kw):
-    return tf.Dinov2Model(tf.Dinov2Config(**COMMON, image_size=32, patch_size=8, **kw))
+    return tf.Dinov2Model(tf.Dinov2Config(**{**COMMON, "image_size": 32, "patch_size": 8, **kw}))
 
 
 # family -> (factory, image size (H, W), number of prefix tokens)
