@@ -78,17 +78,16 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: SpectralMoEConfig) -> None:
         """Create (and initialize) the parameters of ``adapter_name`` in this block."""
         num_experts, rank, num_tokens, dim = config.num_experts, config.expert_rank, config.num_tokens, self.hidden_size
-        reference = next(self.base_layer.parameters(), None)
-        factory = {"device": reference.device if reference is not None else None}
-        self.spectralmoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts, num_tokens, rank, **factory))
-        self.spectralmoe_B[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, dim, **factory))
-        self.spectralmoe_gate_visual[adapter_name] = nn.Parameter(torch.empty(num_experts, dim, **factory))
-        self.spectralmoe_gate_visual_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts, **factory))
+        self.spectralmoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts, num_tokens, rank))
+        self.spectralmoe_B[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, dim))
+        self.spectralmoe_gate_visual[adapter_name] = nn.Parameter(torch.empty(num_experts, dim))
+        self.spectralmoe_gate_visual_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts))
         if config.use_depth and not config.share_gates:
-            self.spectralmoe_gate_depth[adapter_name] = nn.Parameter(torch.empty(num_experts, dim, **factory))
-            self.spectralmoe_gate_depth_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts, **factory))
+            self.spectralmoe_gate_depth[adapter_name] = nn.Parameter(torch.empty(num_experts, dim))
+            self.spectralmoe_gate_depth_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts))
         self.spectralmoe_configs[adapter_name] = config
         self.reset_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()

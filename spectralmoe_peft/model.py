@@ -187,6 +187,10 @@ class SpectralMoEModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until made active
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # blocks have no .weight for peft's generic version to copy; device and dtype are set in update_layer
+        setattr(parent, child_name, new_module)
+
     # --- adapter management -----------------------------------------------------------------------------------------
 
     def _set_shared_requires_grad(self, inference_mode: bool = False) -> None:

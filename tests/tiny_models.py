@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import transformers as tf
 
@@ -9,24 +12,39 @@ HIDDEN = 32
 COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
+@dataclass(frozen=True)
+class Family:
+    factory: Callable[..., torch.nn.Module]
+    image_size: tuple[int, int]
+    num_prefix_tokens: int
+    num_blocks: int = 2
+
+
 def _dinov2(**kw):
     return tf.Dinov2Model(tf.Dinov2Config(**{**COMMON, "image_size": 32, "patch_size": 8, **kw}))
 
 
-# family -> (factory, image size (H, W), number of prefix tokens)
-FAMILIES = {
-    "dinov2": (_dinov2, (32, 32), 1),
+FAMILIES: dict[str, Family] = {
+    "dinov2": Family(_dinov2, (32, 32), 1),
 }
 
 
 def make_model(family: str = "dinov2", seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    factory = FAMILIES[family][0]
-    return factory(**kw).eval()
+    return FAMILIES[family].factory(**kw).eval()
 
 
 def image_size(family: str) -> tuple[int, int]:
-    return FAMILIES[family][1]
+    return FAMILIES[family].image_size
+
+
+def main_output(output) -> torch.Tensor:
+    """The tensor a user would look at: features for backbones, logits for task models."""
+    for name in ("last_hidden_state", "logits", "feature_maps"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return torch.cat([v.flatten(1) for v in value], 1) if isinstance(value, tuple) else value
+    return output[0]
 
 
 def make_depth_model(hidden_size: int = 48, num_layers: int = 3, patch_size: int = 7, seed: int = 1):
