@@ -224,10 +224,19 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         self.spectralmoe_configs.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        for parameter in base_layer.parameters():
-            return parameter.device, parameter.dtype
-        return None, None
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Put this adapter on its block's device, in the block's float dtype (peft's version reads a .weight that
+        blocks do not have). Meta tensors (low_cpu_mem_usage) stay until weights are loaded."""
+        reference = next(self.base_layer.parameters(), None)
+        if reference is None:
+            return
+        device = device or reference.device
+        dtype = reference.dtype if reference.dtype.is_floating_point else None
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name not in container or container[adapter_name].is_meta:
+                continue
+            container[adapter_name] = container[adapter_name].to(device=device, dtype=dtype)
 
     def __repr__(self) -> str:
         return "spectralmoe." + super().__repr__()

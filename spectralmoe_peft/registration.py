@@ -43,11 +43,42 @@ def extend_peft_type() -> PeftType:
 SPECTRALMOE = extend_peft_type()
 
 
+def _only_this_adapter(state_dict: dict, adapter_name: str) -> dict:
+    """Drop other adapters' SpectralMoE tensors: keys read ``...spectralmoe_<name>.<adapter>[.<param>]``."""
+    kept = {}
+    for key, value in state_dict.items():
+        head, sep, tail = key.rpartition(PREFIX)
+        if sep and tail.count(".") >= 1 and tail.split(".")[1] != adapter_name:
+            continue
+        kept[key] = value
+    return kept
+
+
+def _fix_old_peft_saving() -> None:
+    """peft < 0.20 saves, for out-of-tree methods, every adapter's tensors in each adapter's file; filter them."""
+    import peft
+    import peft.peft_model as peft_model
+    from packaging.version import Version
+
+    if Version(peft.__version__) >= Version("0.20") or getattr(peft_model.get_peft_model_state_dict, "_smoe", 0):
+        return
+    original = peft_model.get_peft_model_state_dict
+
+    def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", *args, **kwargs):
+        if model.peft_config[adapter_name].peft_type == SPECTRALMOE:
+            state_dict = _only_this_adapter(model.state_dict() if state_dict is None else state_dict, adapter_name)
+        return original(model, state_dict, adapter_name, *args, **kwargs)
+
+    get_peft_model_state_dict._smoe = 1
+    peft_model.get_peft_model_state_dict = get_peft_model_state_dict
+
+
 def register(config_cls: type, model_cls: type) -> None:
     """Register config, tuner and prefix with peft; on re-import, point the registry at the new classes."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    _fix_old_peft_saving()
     if SPECTRALMOE in PEFT_TYPE_TO_CONFIG_MAPPING:
         PEFT_TYPE_TO_CONFIG_MAPPING[SPECTRALMOE] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[SPECTRALMOE] = model_cls
