@@ -74,6 +74,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self._refine_hook = base_layer.register_forward_hook(self._refine_block_output, prepend=True)
 
     def update_layer(self, adapter_name: str, config: SpectralMoEConfig) -> None:
         """Create (and initialize) the parameters of ``adapter_name`` in this block."""
@@ -197,17 +198,29 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             )
         return depth
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        output = self.base_layer(*args, **kwargs)
+    def _refine_block_output(self, block: nn.Module, args: tuple, output: Any) -> Any:
+        """Forward hook on the wrapped block (registered first): refine its patch tokens.
+
+        A hook rather than code after ``base_layer(...)``: transformers 5 records ``hidden_states`` (and Backbone
+        feature maps) with forward hooks on the block class, i.e. on the wrapped block. Running first among the
+        block's hooks, the refinement is what they record; it also runs inside the block's gradient checkpoint.
+        """
         active = [name for name in self.active_adapters if name in self.spectralmoe_A]
         if self.disable_adapters or not active:
-            return output
+            return None
         hidden = output[0] if isinstance(output, tuple) else output  # B, P + N, D
         prefix, feats = hidden[:, : self.num_prefix_tokens], hidden[:, self.num_prefix_tokens :]
         for adapter_name in active:
             feats = self.refine_patch_tokens(feats, self._depth_for(adapter_name, feats), adapter_name)
         hidden = torch.cat([prefix, feats], dim=1)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_layer(*args, **kwargs)  # extra arguments (RoPE embeddings, resolution, ...) pass through
+
+    def remove_refine_hook(self) -> None:
+        """Detach the refinement from the block, so an unloaded block is the untouched original."""
+        self._refine_hook.remove()
 
     # --- PEFT lifecycle ----------------------------------------------------------------------------------------------
 

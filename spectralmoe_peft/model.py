@@ -236,6 +236,9 @@ class SpectralMoEModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any):
         if merge:
             self._check_merge_allowed()
+        for module in self.model.modules():
+            if isinstance(module, SpectralMoELayer):
+                module.remove_refine_hook()
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         handle = getattr(self, "_hook_handle", None)
         if handle is not None:

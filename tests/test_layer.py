@@ -114,7 +114,7 @@ def test_prefix_tokens_pass_through_unchanged():
         return hook
 
     layer = model.base_model.model.encoder.layer[0]
-    layer.base_layer.register_forward_hook(capture("block"))
+    layer.base_layer.register_forward_hook(capture("block"), prepend=True)  # runs before the refinement
     layer.register_forward_hook(capture("adapted"))
     model(pixel_values=torch.randn(2, 3, 32, 32, dtype=torch.float64), depth_hidden_states=_grid_depth(3))
     assert torch.equal(captured["adapted"][:, :1], captured["block"][:, :1])

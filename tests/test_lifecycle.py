@@ -127,7 +127,30 @@ def test_unload_restores_the_untouched_base_model(family):
     restored = model.unload()
     assert [n for n, _ in restored.named_modules()] == names_before
     assert not adapted_layers(restored) and not restored._forward_pre_hooks
+    leftover = [
+        name for name, module in restored.named_modules() for hook in module._forward_hooks.values()
+        if isinstance(getattr(hook, "__self__", None), SpectralMoELayer)
+    ]
+    assert not leftover, f"refinement hooks left on {leftover}"
     assert torch.equal(run(restored, family), base_out)
+
+
+def test_recorded_hidden_states_carry_the_refinement(family):
+    """transformers 5 records hidden_states (and Backbone feature maps) with hooks on the block class: they must
+    see the refined tokens, with gradients flowing back to the first block's adapter."""
+    model = get_peft_model(make_model(family), config())
+    model.train()
+    out = model(**inputs(family), output_hidden_states=True)
+    hidden_states = out.hidden_states
+    if hidden_states is None:  # task models of some families return their backbone's states under another name
+        pytest.fail(f"{family} returned no hidden_states")
+    first_block = hidden_states[1]
+    first_block.float().pow(2).mean().backward()
+    layer0 = next(layer for layer in adapted_layers(model) if layer.block_index == 0)
+    assert layer0.spectralmoe_B["default"].grad is not None and layer0.spectralmoe_B["default"].grad.abs().sum() > 0
+    with torch.no_grad(), model.disable_adapter():
+        base_first = model(**inputs(family), output_hidden_states=True).hidden_states[1]
+    assert not torch.allclose(first_block.detach(), base_first)
 
 
 def test_merging_raises_a_clear_error(family):
@@ -172,9 +195,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     for checkpointing in (False, True):
         base = make_model(family)
         if checkpointing:
-            if not base.supports_gradient_checkpointing:
-                pytest.skip(f"{family} does not support gradient checkpointing in transformers")
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # UperNet itself has no switch: checkpointing goes on its backbone, as a user would do it
+            target = base if base.supports_gradient_checkpointing else base.backbone
+            assert target.supports_gradient_checkpointing
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
         model = get_peft_model(base, config(noisy_gating=True))
         model.train()
         torch.manual_seed(3)

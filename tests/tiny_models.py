@@ -24,8 +24,41 @@ def _dinov2(**kw):
     return tf.Dinov2Model(tf.Dinov2Config(**{**COMMON, "image_size": 32, "patch_size": 8, **kw}))
 
 
+def _vision(model_cls, config_cls, **fixed):
+    def factory(**kw):
+        return model_cls(config_cls(**{**COMMON, "image_size": 32, "patch_size": 8, **fixed, **kw}))
+
+    return factory
+
+
+def _upernet(backbone_config_cls, **backbone_kw):
+    def factory(**kw):
+        backbone = backbone_config_cls(
+            **{**COMMON, "image_size": 32, "patch_size": 8, "out_features": ["stage1", "stage2"], **backbone_kw, **kw}
+        )
+        config = tf.UperNetConfig(backbone_config=backbone, hidden_size=16, pool_scales=[1, 2], num_labels=3,
+                                  use_auxiliary_head=False)
+        return tf.UperNetForSemanticSegmentation(config)
+
+    return factory
+
+
 FAMILIES: dict[str, Family] = {
+    "vit": Family(_vision(tf.ViTModel, tf.ViTConfig), (32, 32), 1),
+    "vit_classifier": Family(_vision(tf.ViTForImageClassification, tf.ViTConfig, num_labels=3), (32, 32), 1),
+    "deit": Family(_vision(tf.DeiTModel, tf.DeiTConfig), (32, 32), 2),
     "dinov2": Family(_dinov2, (32, 32), 1),
+    "dinov2_backbone": Family(_vision(tf.Dinov2Backbone, tf.Dinov2Config, out_features=["stage1", "stage2"]),
+                              (32, 32), 1),
+    "dinov2_registers": Family(
+        _vision(tf.Dinov2WithRegistersModel, tf.Dinov2WithRegistersConfig, num_register_tokens=2), (32, 32), 3
+    ),
+    "dinov3": Family(_vision(tf.DINOv3ViTModel, tf.DINOv3ViTConfig, num_register_tokens=2), (32, 48), 3),
+    "clip_vision": Family(_vision(tf.CLIPVisionModel, tf.CLIPVisionConfig), (32, 32), 1),
+    "siglip_vision": Family(_vision(tf.SiglipVisionModel, tf.SiglipVisionConfig), (32, 32), 0),
+    "beit": Family(_vision(tf.BeitModel, tf.BeitConfig), (32, 32), 1),
+    "upernet_dinov2": Family(_upernet(tf.Dinov2Config), (32, 32), 1),
+    "upernet_dinov3": Family(_upernet(tf.DINOv3ViTConfig, num_register_tokens=1), (32, 32), 2),
 }
 
 
