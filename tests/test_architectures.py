@@ -1,0 +1,88 @@
+"""Blocks are found by structure and prefix tokens read from the config; anything else gets a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from peft import PeftModel, get_peft_model
+from tiny_models import COMMON, make_model
+
+from spectralmoe_peft import SpectralMoEConfig
+from spectralmoe_peft.architectures import find_block_stack
+
+
+def test_clip_model_adapts_the_vision_tower_not_the_text_tower():
+    config = tf.CLIPConfig(
+        vision_config={**COMMON, "image_size": 32, "patch_size": 8},
+        text_config={**COMMON, "vocab_size": 100, "max_position_embeddings": 16},
+        projection_dim=16,
+    )
+    stack = find_block_stack(tf.CLIPModel(config))
+    assert stack.path == "vision_model.encoder.layers" and stack.num_prefix_tokens == 1
+
+
+def test_upernet_adapts_its_backbone():
+    stack = find_block_stack(make_model("upernet_dinov3"))
+    assert stack.path == "backbone.layer" or stack.path.startswith("backbone.")
+    assert stack.num_prefix_tokens == 2 and stack.num_blocks == 2
+
+
+def test_a_model_without_vit_blocks_is_refused():
+    with pytest.raises(ValueError, match="found no ViT blocks"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()), SpectralMoEConfig())
+
+
+def test_unknown_family_needs_num_prefix_tokens():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.attention(x)
+
+    class TinyViT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tf.PretrainedConfig(hidden_size=8, patch_size=4)
+            self.patch = torch.nn.Conv2d(3, 8, 4, stride=4)
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, pixel_values):
+            x = self.patch(pixel_values).flatten(2).transpose(1, 2)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        get_peft_model(TinyViT(), SpectralMoEConfig(use_depth=False))
+    model = get_peft_model(TinyViT(), SpectralMoEConfig(use_depth=False, num_prefix_tokens=0, init_weights=False))
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 16, 8)
+
+
+def test_target_modules_must_name_blocks():
+    with pytest.raises(ValueError, match="not one of the blocks"):
+        get_peft_model(make_model("vit"), SpectralMoEConfig(target_modules=["attention"]))
+    model = get_peft_model(make_model("vit"), SpectralMoEConfig(target_modules=r".*layers?\.1", use_depth=False))
+    assert len(model.targeted_module_names) == 1 and model.targeted_module_names[0].endswith(".1")
+
+
+@pytest.mark.parametrize("family, head", [("vit_classifier", "classifier"), ("upernet_dinov2", "decode_head")])
+def test_modules_to_save_trains_and_saves_the_head(family, head, tmp_path):
+    config = SpectralMoEConfig(use_depth=False, num_tokens=4, init_weights=False, modules_to_save=[head])
+    model = get_peft_model(make_model(family), config)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(head in n for n in trainable) and all("spectralmoe_" in n or head in n for n in trainable)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if head in name and parameter.requires_grad:
+                parameter.add_(0.1)  # as if trained
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model(family), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).logits, expected)
