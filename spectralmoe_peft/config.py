@@ -12,6 +12,8 @@ from .registration import SPECTRALMOE
 
 GATING_TYPES = ("softmax", "laplace", "gaussian")
 FUSION_TYPES = ("cross_attention", "add")
+DEPTH_SOURCES = ("model", "elevation")
+RGB_WAVELENGTHS_NM = (665.0, 560.0, 490.0)  # R, G, B centres (Sentinel-2 B04, B03, B02)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,9 +48,34 @@ class SpectralMoEConfig(PeftConfig):
         default="cross_attention",
         metadata={"help": "How depth adjustments enter: cross-attention (the paper's) or plain addition (ablation)."},
     )
-    rgb_band_indices: list[int] = field(
-        default_factory=lambda: [0, 1, 2],
-        metadata={"help": "Input channels taken as R, G, B for the depth model, e.g. [2, 1, 0] for B,G,R,NIR,..."},
+    depth_source: Literal["model", "elevation"] = field(
+        default="model",
+        metadata={
+            "help": "'model': a frozen depth model run on the R,G,B bands (or depth_pixel_values / depth_hidden_states "
+            "passed to forward). 'elevation': an nDSM/DEM raster passed as elevation=, encoded by a trainable patch "
+            "encoder saved with the adapter."
+        },
+    )
+    depth_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub id or local path of the depth model, loaded with from_pretrained when none is attached."},
+    )
+    rgb_band_indices: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "Input channels taken as R, G, B for the depth model, e.g. [2, 1, 0] for B,G,R,NIR,... "
+            "None: the bands nearest 665, 560, 490 nm if band_wavelengths_nm is set, else [0, 1, 2]."
+        },
+    )
+    band_wavelengths_nm: Optional[list[float]] = field(
+        default=None, metadata={"help": "Centre wavelength of each input band (nm); picks R, G, B when not given."}
+    )
+    nodata_value: Optional[Union[float, list[float]]] = field(
+        default=None,
+        metadata={
+            "help": "Value marking invalid pixels (one, or one per band). Patches with over half their pixels invalid "
+            "(or flagged by nodata_mask= in forward) stay out of routing statistics and the aux loss."
+        },
     )
     depth_input_rescale: Union[float, list[float]] = field(
         default=1.0,
@@ -112,6 +139,15 @@ class SpectralMoEConfig(PeftConfig):
             self.target_modules = list(self.target_modules)
         self._validate()
 
+    def resolved_rgb_band_indices(self) -> list[int]:
+        """R, G, B input channels: as given, else nearest to 665/560/490 nm, else [0, 1, 2]."""
+        if self.rgb_band_indices is not None:
+            return list(self.rgb_band_indices)
+        if self.band_wavelengths_nm is not None:
+            wavelengths = self.band_wavelengths_nm
+            return [min(range(len(wavelengths)), key=lambda i: abs(wavelengths[i] - t)) for t in RGB_WAVELENGTHS_NM]
+        return [0, 1, 2]
+
     def _validate(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:
             if not ok:
@@ -143,16 +179,50 @@ class SpectralMoEConfig(PeftConfig):
         for name in ("balance_loss_weight", "switch_loss_weight", "router_z_loss_weight"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, "must be >= 0")
+        check(self.depth_source in DEPTH_SOURCES, "depth_source", f"must be one of {DEPTH_SOURCES}")
         bands = self.rgb_band_indices
         check(
-            isinstance(bands, (list, tuple))
-            and len(bands) == 3
-            and all(is_int(b) and b >= 0 for b in bands)
-            and len(set(bands)) == 3,
+            bands is None
+            or (
+                isinstance(bands, (list, tuple))
+                and len(bands) == 3
+                and all(is_int(b) and b >= 0 for b in bands)
+                and len(set(bands)) == 3
+            ),
             "rgb_band_indices",
             "must be three distinct non-negative channel indices (R, G, B)",
         )
-        self.rgb_band_indices = list(bands)
+        self.rgb_band_indices = None if bands is None else list(bands)
+        wavelengths = self.band_wavelengths_nm
+        check(
+            wavelengths is None
+            or (
+                isinstance(wavelengths, (list, tuple))
+                and len(wavelengths) >= 3
+                and all(isinstance(w, (int, float)) and w > 0 for w in wavelengths)
+            ),
+            "band_wavelengths_nm",
+            "must be None or one positive wavelength (nm) per input band, at least 3",
+        )
+        if wavelengths is not None:
+            self.band_wavelengths_nm = [float(w) for w in wavelengths]
+            if bands is not None and max(bands) >= len(wavelengths):
+                check(False, "rgb_band_indices", f"is out of range for {len(wavelengths)} bands with wavelengths")
+        if bands is None and wavelengths is not None:
+            resolved = self.resolved_rgb_band_indices()
+            check(
+                len(set(resolved)) == 3,
+                "band_wavelengths_nm",
+                f"has no distinct bands near 665/560/490 nm (picked {resolved}); set rgb_band_indices",
+            )
+        nodata = self.nodata_value
+        check(
+            nodata is None or isinstance(nodata, (int, float)) or (
+                isinstance(nodata, (list, tuple)) and all(isinstance(v, (int, float)) for v in nodata)
+            ),
+            "nodata_value",
+            "must be None, a number, or one number per band",
+        )
         for name in ("depth_image_mean", "depth_image_std"):
             value = getattr(self, name)
             check(isinstance(value, (list, tuple)) and len(value) == 3, name, "must have 3 values (R, G, B)")

@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .depth import depth_layer_index, resample_to_grid, tokens_to_grid
+from .depth import depth_layer_index, encode_elevation, resample_to_grid, tokens_to_grid
 
 
 @dataclass
@@ -43,14 +43,24 @@ class ForwardContext:
         self.depth: Optional[DepthInput] = None
         self.visual_grid: Optional[tuple[int, int]] = None
         self.token_mask: Optional[Tensor] = None  # B, N bool: valid patch tokens (nodata masked out)
+        self.elevation: Optional[Tensor] = None  # B, 1, H, W raster for depth_source="elevation"
+        self._elevation_tokens: dict = {}
         self.aux_losses: dict[tuple[str, int, str], Tensor] = {}
         self.routing: dict[str, dict[int, dict[str, RoutingStats]]] = {}
         self.num_forwards = 0
 
-    def start_forward(self, depth: Optional[DepthInput], visual_grid: Optional[tuple[int, int]]) -> None:
+    def start_forward(
+        self,
+        depth: Optional[DepthInput],
+        visual_grid: Optional[tuple[int, int]],
+        elevation: Optional[Tensor] = None,
+        token_mask: Optional[Tensor] = None,
+    ) -> None:
         self.depth = depth
         self.visual_grid = visual_grid
-        self.token_mask = None
+        self.elevation = elevation
+        self._elevation_tokens = {}
+        self.token_mask = token_mask
         self.aux_losses = {}
         self.routing = {}
         self.num_forwards += 1
@@ -61,6 +71,15 @@ class ForwardContext:
             return grid
         side = int(round(num_patches**0.5))
         return (side, side) if side * side == num_patches else None
+
+    def elevation_tokens(self, adapter_name: str, encoder, grid_hw: tuple[int, int]) -> Tensor:
+        """The elevation raster patch-embedded by an adapter's encoder: (B, H*W, D), computed once per forward."""
+        if self.elevation is None:
+            raise ValueError("This SpectralMoE adapter uses depth_source='elevation' but no elevation= was passed.")
+        key = (adapter_name, tuple(grid_hw))
+        if key not in self._elevation_tokens:
+            self._elevation_tokens[key] = encode_elevation(self.elevation, encoder, grid_hw)
+        return self._elevation_tokens[key]
 
     def depth_tokens(self, block_index: int, num_blocks: int, grid_hw: tuple[int, int]) -> Tensor:
         """Depth tokens for a visual block, resampled in 2-D onto its (H, W) grid: (B, H*W, C). Cached per forward."""

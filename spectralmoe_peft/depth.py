@@ -102,3 +102,73 @@ def resample_to_grid(grid: Tensor, target_hw: tuple[int, int]) -> Tensor:
     if tuple(grid.shape[-2:]) != tuple(target_hw):
         grid = F.interpolate(grid, size=target_hw, mode="bilinear", align_corners=False)
     return rearrange(grid, "b c h w -> b (h w) c")
+
+
+def load_depth_model(name_or_path: str):
+    """A depth model from the Hub or a local path, and its processor's (mean, std) when it has one."""
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForDepthEstimation
+
+    try:
+        model = AutoModelForDepthEstimation.from_pretrained(name_or_path)
+    except (ValueError, KeyError):  # not a depth-estimation architecture: a plain encoder (e.g. Dinov2Model)
+        model = AutoModel.from_pretrained(name_or_path)
+    normalization = None
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+            normalization = ([float(v) for v in mean], [float(v) for v in std])
+    except (OSError, ValueError, KeyError):
+        pass  # no processor saved next to the model: the config's normalization stays
+    return model, normalization
+
+
+def check_elevation(elevation: Optional[Tensor], pixel_values: Optional[Tensor]) -> Tensor:
+    """An elevation raster (B, 1, H, W) or (B, H, W), with a clear error when missing or misshapen."""
+    if elevation is None:
+        raise ValueError(
+            "This SpectralMoE adapter uses depth_source='elevation': pass the nDSM/DEM raster as "
+            "model(pixel_values=..., elevation=raster) with shape (batch, 1, height, width)."
+        )
+    if elevation.ndim == 3:
+        elevation = elevation.unsqueeze(1)
+    if elevation.ndim != 4 or elevation.shape[1] != 1:
+        raise ValueError(f"elevation must be (batch, 1, height, width); got {tuple(elevation.shape)}.")
+    if pixel_values is not None and elevation.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"elevation has batch size {elevation.shape[0]}, the images {pixel_values.shape[0]}.")
+    return elevation
+
+
+def encode_elevation(elevation: Tensor, encoder: torch.nn.Conv2d, grid_hw: tuple[int, int]) -> Tensor:
+    """Standardize each raster (heights in any unit), resize to the visual grid x patch, patch-embed -> (B, N, D)."""
+    elevation = elevation.to(encoder.weight.dtype)
+    flat = elevation.flatten(1)
+    mean, std = flat.mean(1).view(-1, 1, 1, 1), flat.std(1).view(-1, 1, 1, 1)
+    standardized = (elevation - mean) / (std + 1e-6)
+    size = (grid_hw[0] * encoder.stride[0], grid_hw[1] * encoder.stride[1])
+    if tuple(standardized.shape[-2:]) != size:
+        standardized = F.interpolate(standardized, size=size, mode="bilinear", align_corners=False)
+    return rearrange(encoder(standardized), "b d h w -> b (h w) d")
+
+
+def patch_validity(
+    pixel_values: Tensor,
+    nodata_mask: Optional[Tensor],
+    nodata_value: Optional[Union[float, Sequence[float]]],
+    patch_size: tuple[int, int],
+) -> Tensor:
+    """(B, N) bool: patches with at least half their pixels valid. Invalid: nodata_mask True, or any band equal
+    to its nodata value."""
+    invalid = torch.zeros(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.bool, device=pixel_values.device)
+    if nodata_mask is not None:
+        if nodata_mask.ndim == 4:
+            nodata_mask = nodata_mask.any(1)
+        if tuple(nodata_mask.shape) != tuple(invalid.shape):
+            raise ValueError(
+                f"nodata_mask must be (batch, height, width) = {tuple(invalid.shape)}; got {tuple(nodata_mask.shape)}."
+            )
+        invalid |= nodata_mask.to(torch.bool)
+    if nodata_value is not None:
+        invalid |= (pixel_values == _per_band(nodata_value, pixel_values)).any(1)
+    valid_fraction = F.avg_pool2d((~invalid).unsqueeze(1).float(), patch_size, stride=patch_size)  # B, 1, H, W
+    return rearrange(valid_fraction >= 0.5, "b 1 h w -> b (h w)")

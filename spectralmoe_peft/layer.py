@@ -30,6 +30,7 @@ class SharedModules:
     delta: nn.ModuleDict  # adapter -> Linear(D, D): W_delta
     scale: nn.ParameterDict  # adapter -> scalar s
     depth_projection: nn.ModuleDict  # adapter -> Linear(D_depth, D), only when widths differ
+    elevation_encoder: nn.ModuleDict  # adapter -> Conv2d(1, D, patch): depth_source="elevation"
     context: ForwardContext
 
 
@@ -183,6 +184,8 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                 f"Cannot tell the patch grid of {feats.shape[1]} visual tokens to align depth features with: pass "
                 "pixel_values to the model (its height and width give the grid)."
             )
+        if config.depth_source == "elevation":
+            return context.elevation_tokens(adapter_name, self._shared.elevation_encoder[adapter_name], grid)
         depth = context.depth_tokens(self.block_index, self.num_blocks, grid)  # B, N, C
         if depth.shape[0] != feats.shape[0]:
             raise ValueError(

@@ -9,7 +9,7 @@ in eval mode, but is never part of ``state_dict()`` and so never written into th
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from .architectures import BlockStack, find_block_stack, patch_size_of, prefix_tokens_of
 from .config import SpectralMoEConfig
 from .context import DepthInput, ForwardContext, RoutingStats
-from .depth import normalize_for_depth, resize_to_patch_multiple, select_rgb
+from .depth import (
+    check_elevation,
+    load_depth_model,
+    normalize_for_depth,
+    patch_validity,
+    resize_to_patch_multiple,
+    select_rgb,
+)
 from .layer import SharedModules, SpectralMoELayer
 from .registration import PREFIX
 
@@ -62,12 +69,14 @@ class SpectralMoEModel(BaseTuner):
         self.spectralmoe_delta = nn.ModuleDict()
         self.spectralmoe_scale = nn.ParameterDict()
         self.spectralmoe_depth_projection = nn.ModuleDict()
+        self.spectralmoe_elevation_encoder = nn.ModuleDict()
         context = ForwardContext()
         shared = SharedModules(
             token_to_feature=self.spectralmoe_token_to_feature,
             delta=self.spectralmoe_delta,
             scale=self.spectralmoe_scale,
             depth_projection=self.spectralmoe_depth_projection,
+            elevation_encoder=self.spectralmoe_elevation_encoder,
             context=context,
         )
         # plain attributes: not submodules, not saved, not moved twice
@@ -92,7 +101,12 @@ class SpectralMoEModel(BaseTuner):
         self.spectralmoe_token_to_feature[adapter_name] = token_to_feature
         self.spectralmoe_delta[adapter_name] = delta
         self.spectralmoe_scale[adapter_name] = nn.Parameter(torch.tensor(float(config.scale_init), **factory))
-        if config.use_depth and config.depth_hidden_size is not None and config.depth_hidden_size != dim:
+        if not config.use_depth:
+            return
+        if config.depth_source == "elevation":  # a patch embedding of the elevation raster, on the ViT's grid
+            patch = stack.patch_size
+            self.spectralmoe_elevation_encoder[adapter_name] = nn.Conv2d(1, dim, patch, stride=patch, **factory)
+        elif config.depth_hidden_size is not None and config.depth_hidden_size != dim:
             self.spectralmoe_depth_projection[adapter_name] = nn.Linear(config.depth_hidden_size, dim, **factory)
 
     def _remove_shared_modules(self, adapter_name: str) -> None:
@@ -108,6 +122,7 @@ class SpectralMoEModel(BaseTuner):
             self.spectralmoe_delta,
             self.spectralmoe_scale,
             self.spectralmoe_depth_projection,
+            self.spectralmoe_elevation_encoder,
         ]
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
@@ -289,14 +304,25 @@ class SpectralMoEModel(BaseTuner):
 
     # --- depth model --------------------------------------------------------------------------------------------
 
-    def set_depth_model(self, depth_model: Optional[nn.Module]) -> None:
+    def set_depth_model(self, depth_model: Union[nn.Module, str, None]) -> None:
         """Attach a frozen depth model (any HF model that returns ``hidden_states``); None detaches it.
 
-        It is frozen, kept in eval mode, moved to the adapter's device, moves with ``.to()``, and is never saved.
+        A string is a Hub id or local path, loaded with ``from_pretrained`` (its image processor's mean/std, when it
+        has one, become the adapters' depth normalization) and remembered in the adapters' configs. The model is
+        frozen, kept in eval mode, moved to the adapter's device, moves with ``.to()``, and is never saved.
         """
         if depth_model is None:
             object.__setattr__(self, "_depth_model", None)
             return
+        name_or_path = None
+        if isinstance(depth_model, str):
+            name_or_path = depth_model
+            depth_model, normalization = load_depth_model(name_or_path)
+            for config in self.peft_config.values():
+                if config.use_depth and config.depth_source == "model":
+                    config.depth_model_name_or_path = name_or_path
+                    if normalization is not None:
+                        config.depth_image_mean, config.depth_image_std = normalization
         if not isinstance(depth_model, nn.Module):
             raise ValueError(f"set_depth_model expects a torch nn.Module, got {type(depth_model).__name__}.")
         if patch_size_of(getattr(depth_model, "config", None)) is None:
@@ -307,7 +333,7 @@ class SpectralMoEModel(BaseTuner):
         width = _depth_hidden_size(depth_model)
         stack: BlockStack = self._block_stack
         for name, config in self.peft_config.items():
-            if not config.use_depth or width is None or width == stack.hidden_size:
+            if not config.use_depth or config.depth_source != "model" or width is None or width == stack.hidden_size:
                 continue
             if config.depth_hidden_size != width:
                 raise ValueError(
@@ -341,18 +367,11 @@ class SpectralMoEModel(BaseTuner):
 
     # --- the forward pre-hook: depth stream and per-forward state ----------------------------------------------------
 
-    def _depth_config(self) -> Optional[SpectralMoEConfig]:
-        if not self._adapters_enabled:
-            return None
-        for name in self.active_adapters:
-            config = self.peft_config.get(name)
-            if config is not None and config.use_depth:
-                return config
-        return None
-
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         depth_hidden_states = kwargs.pop("depth_hidden_states", None)
         depth_pixel_values = kwargs.pop("depth_pixel_values", None)
+        elevation = kwargs.pop("elevation", None)
+        nodata_mask = kwargs.pop("nodata_mask", None)
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None and args and isinstance(args[0], Tensor):
             pixel_values = args[0]
@@ -360,12 +379,30 @@ class SpectralMoEModel(BaseTuner):
         visual_grid = None
         if isinstance(pixel_values, Tensor) and pixel_values.ndim == 4:
             visual_grid = (pixel_values.shape[-2] // stack.patch_size[0], pixel_values.shape[-1] // stack.patch_size[1])
-        config = self._depth_config()
-        depth = None
-        if config is not None:
-            depth = self._depth_input(config, pixel_values, depth_pixel_values, depth_hidden_states)
-        self._context.start_forward(depth, visual_grid)
+        depth, elevation_input = None, None
+        if self._adapters_enabled:
+            sources = {self.peft_config[n].depth_source for n in self.active_adapters if self._uses_depth(n)}
+            if "model" in sources:
+                config = next(self.peft_config[n] for n in self.active_adapters if self._uses_depth(n, "model"))
+                depth = self._depth_input(config, pixel_values, depth_pixel_values, depth_hidden_states)
+            if "elevation" in sources:
+                elevation_input = check_elevation(elevation, pixel_values)
+        token_mask = None
+        if visual_grid is not None and (nodata_mask is not None or self._nodata_value() is not None):
+            token_mask = patch_validity(pixel_values, nodata_mask, self._nodata_value(), stack.patch_size)
+        self._context.start_forward(depth, visual_grid, elevation=elevation_input, token_mask=token_mask)
         return args, kwargs
+
+    def _uses_depth(self, adapter_name: str, source: Optional[str] = None) -> bool:
+        config = self.peft_config.get(adapter_name)
+        return config is not None and config.use_depth and (source is None or config.depth_source == source)
+
+    def _nodata_value(self):
+        for name in self.active_adapters:
+            config = self.peft_config.get(name)
+            if config is not None and config.nodata_value is not None:
+                return config.nodata_value
+        return None
 
     def _depth_input(
         self,
@@ -376,6 +413,8 @@ class SpectralMoEModel(BaseTuner):
     ) -> DepthInput:
         if depth_hidden_states is not None:
             return self._explicit_depth(config, depth_hidden_states)
+        if self._depth_model is None and config.depth_model_name_or_path:
+            self.set_depth_model(config.depth_model_name_or_path)
         depth_model = self._depth_model
         if depth_model is None:
             raise ValueError(
@@ -391,7 +430,7 @@ class SpectralMoEModel(BaseTuner):
                 )
             rgb = normalize_for_depth(depth_pixel_values, 1.0, 0.0, config.depth_image_mean, config.depth_image_std)
         elif pixel_values is not None:
-            rgb = select_rgb(pixel_values, config.rgb_band_indices)
+            rgb = select_rgb(pixel_values, config.resolved_rgb_band_indices())
             rgb = normalize_for_depth(
                 rgb, config.depth_input_rescale, config.depth_input_offset, config.depth_image_mean,
                 config.depth_image_std,
