@@ -6,6 +6,7 @@ with a patch-16 ViT at any aspect ratio (the released code flattened and interpo
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Optional, Sequence, Union
 
@@ -106,20 +107,24 @@ def resample_to_grid(grid: Tensor, target_hw: tuple[int, int]) -> Tensor:
 
 def load_depth_model(name_or_path: str):
     """A depth model from the Hub or a local path, and its processor's (mean, std) when it has one."""
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForDepthEstimation
+    from transformers import AutoModel, AutoModelForDepthEstimation
+    from transformers.utils import cached_file
 
     try:
         model = AutoModelForDepthEstimation.from_pretrained(name_or_path)
     except (ValueError, KeyError):  # not a depth-estimation architecture: a plain encoder (e.g. Dinov2Model)
         model = AutoModel.from_pretrained(name_or_path)
     normalization = None
-    try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
-        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-        if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+    try:  # the processor's JSON, read directly: instantiating the processor class would need PIL/torchvision
+        path = cached_file(name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        path = None
+    if path is not None:
+        with open(path) as file:
+            processor = json.load(file)
+        mean, std = processor.get("image_mean"), processor.get("image_std")
+        if isinstance(mean, list) and isinstance(std, list) and len(mean) == 3 and len(std) == 3:
             normalization = ([float(v) for v in mean], [float(v) for v in std])
-    except (OSError, ValueError, KeyError):
-        pass  # no processor saved next to the model: the config's normalization stays
     return model, normalization
 
 

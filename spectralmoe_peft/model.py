@@ -439,7 +439,7 @@ class SpectralMoEModel(BaseTuner):
             raise ValueError("SpectralMoE needs pixel_values (or depth_pixel_values) to run the depth model on.")
         patch = patch_size_of(depth_model.config)
         rgb = resize_to_patch_multiple(rgb, patch)
-        reference = next(depth_model.parameters())
+        reference = next(depth_model.parameters(), rgb)
         with torch.no_grad():
             outputs = depth_model(pixel_values=rgb.to(reference.device, reference.dtype), output_hidden_states=True)
         hidden_states = getattr(outputs, "hidden_states", None)

@@ -1,0 +1,253 @@
+"""Multispectral / hyperspectral front end: depth models of other shapes, band choice, alignment, other depth
+sources, nodata, and reloading with a depth model attached."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from spectralmoe_peft import SpectralMoEConfig, SpectralMoELayer
+from spectralmoe_peft.bands import widen_patch_embedding
+
+TESTS_DIR = Path(__file__).parent
+VISUAL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=16,
+              image_size=64, num_register_tokens=2)
+
+
+def dinov3(num_channels: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**VISUAL, num_channels=num_channels)).eval()
+
+
+def depth_anything(seed: int = 1) -> torch.nn.Module:
+    """Depth-Anything-shaped: patch 14, width 48, 3 layers (the ViT: patch 16, width 32, 4 layers)."""
+    torch.manual_seed(seed)
+    backbone = tf.Dinov2Config(hidden_size=48, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                               image_size=28, patch_size=14, out_features=["stage1", "stage2", "stage3"],
+                               reshape_hidden_states=False)
+    config = tf.DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=48, patch_size=14,
+                                    fusion_hidden_size=16, head_hidden_size=8, neck_hidden_sizes=[8, 16, 24])
+    return tf.DepthAnythingForDepthEstimation(config).eval()
+
+
+def config(**overrides) -> SpectralMoEConfig:
+    settings = dict(num_experts=3, top_k=1, expert_rank=4, num_tokens=5, init_weights=False, scale_init=0.5,
+                    depth_hidden_size=48)
+    return SpectralMoEConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("num_bands, rgb", [(4, [1, 2, 3]), (200, [60, 40, 20])])
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+def test_depth_anything_on_dinov3_with_many_bands_and_non_square_images(num_bands, rgb, size):
+    model = get_peft_model(dinov3(num_channels=num_bands), config(rgb_band_indices=rgb))
+    model.set_depth_model(depth_anything())
+    model.train()
+    x = torch.rand(2, num_bands, *size)
+    out = model(pixel_values=x).last_hidden_state
+    grid = (size[0] // 16, size[1] // 16)
+    assert out.shape == (2, 1 + 2 + grid[0] * grid[1], 32)
+    (out.pow(2).mean() + model.get_aux_loss()).backward()
+    stats = model.get_routing_stats()
+    assert set(stats) == {0, 1, 2, 3} and stats[3]["depth"].grid == grid
+    assert model.base_model.spectralmoe_depth_projection["default"].weight.grad.abs().sum() > 0
+
+
+class PositionDepthModel(torch.nn.Module):
+    """A depth model whose patch features are their own position: channel 0 the column centre, channel 1 the row
+    centre, as fractions of the image, on a patch-14 grid, behind one CLS token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = tf.Dinov2Config(hidden_size=32, patch_size=14, num_hidden_layers=2)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixel_values, output_hidden_states=True):
+        batch, _, height, width = pixel_values.shape
+        h, w = height // 14, width // 14
+        features = torch.zeros(batch, 32, h, w)
+        features[:, 0] = ((torch.arange(w) + 0.5) / w).expand(h, w)
+        features[:, 1] = ((torch.arange(h) + 0.5) / h).unsqueeze(1).expand(h, w)
+        tokens = torch.cat([torch.full((batch, 1, 32), -7.0), features.flatten(2).transpose(1, 2)], dim=1)
+        return tf.modeling_outputs.BaseModelOutput(hidden_states=(tokens,) * 3)
+
+
+def test_alignment_ramp_lands_on_the_matching_visual_tokens():
+    """Left-right and top-bottom ramps from a patch-14 depth grid arrive at the matching patch-16 visual tokens,
+    for a non-square image."""
+    model = get_peft_model(dinov3(), config(depth_hidden_size=None))
+    model.set_depth_model(PositionDepthModel())
+    seen = {}
+    layer = next(m for m in model.modules() if isinstance(m, SpectralMoELayer) and m.block_index == 2)
+    original = layer.refine_patch_tokens
+
+    def spy(feats, depth, adapter_name):
+        seen["depth"] = depth
+        return original(feats, depth, adapter_name)
+
+    layer.refine_patch_tokens = spy
+    model(pixel_values=torch.rand(1, 3, 96, 160))  # visual grid 6 x 10; depth input 98 x 154 -> grid 7 x 11
+    depth = seen["depth"].reshape(1, 6, 10, 32)
+    columns = (torch.arange(10) + 0.5) / 10
+    rows = (torch.arange(6) + 0.5) / 6
+    torch.testing.assert_close(depth[0, :, :, 0], columns.expand(6, 10), atol=0.03, rtol=0)
+    torch.testing.assert_close(depth[0, :, :, 1], rows.unsqueeze(1).expand(6, 10), atol=0.03, rtol=0)
+    assert (depth[..., 0].diff(dim=2) > 0).all() and (depth[..., 1].diff(dim=1) > 0).all()
+    assert (depth[..., 2:] == 0).all()  # the CLS token (-7) was dropped, not resampled in
+
+
+def test_bands_by_wavelength():
+    sentinel2 = [443, 490, 560, 665, 705, 740, 783, 842, 865, 945, 1375, 1610, 2190]
+    assert SpectralMoEConfig(band_wavelengths_nm=sentinel2).resolved_rgb_band_indices() == [3, 2, 1]
+    assert SpectralMoEConfig().resolved_rgb_band_indices() == [0, 1, 2]
+    assert SpectralMoEConfig(rgb_band_indices=[5, 4, 3]).resolved_rgb_band_indices() == [5, 4, 3]
+    with pytest.raises(ValueError, match="band_wavelengths_nm"):
+        SpectralMoEConfig(band_wavelengths_nm=[1600, 1610, 2190])
+
+    model = get_peft_model(dinov3(num_channels=13), config(band_wavelengths_nm=sentinel2))
+    seen = {}
+    depth = depth_anything()
+    depth.register_forward_pre_hook(lambda module, args, kwargs: seen.update(x=kwargs["pixel_values"]),
+                                    with_kwargs=True)
+    model.set_depth_model(depth)
+    x = torch.rand(1, 13, 56, 56)
+    model(pixel_values=x)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen["x"], (x[:, [3, 2, 1]] - mean) / std)
+
+
+def test_reload_in_a_fresh_process_finds_the_depth_model_by_path(tmp_path):
+    depth_anything().save_pretrained(tmp_path / "depth")
+    processor = {"image_processor_type": "DPTImageProcessor", "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.4]}
+    (tmp_path / "depth" / "preprocessor_config.json").write_text(json.dumps(processor))
+    model = get_peft_model(dinov3(num_channels=4), config(rgb_band_indices=[2, 1, 0]))
+    model.set_depth_model(str(tmp_path / "depth"))
+    assert model.peft_config["default"].depth_image_mean == [0.4, 0.5, 0.6]  # read from its image processor
+    model.eval()
+    x = torch.rand(2, 4, 48, 64)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(x, tmp_path / "x.pt")
+    assert all("spectralmoe_" in k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(TESTS_DIR)!r})
+        import spectralmoe_peft
+        from peft import PeftModel
+        from test_front_end import dinov3
+        model = PeftModel.from_pretrained(dinov3(num_channels=4), {str(tmp_path / "adapter")!r}).eval()
+        with torch.no_grad():   # no set_depth_model: the path saved in the config is loaded
+            out = model(pixel_values=torch.load({str(tmp_path / "x.pt")!r})).last_hidden_state
+        assert model.base_model.depth_model is not None
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_elevation_source_trains_saves_and_reloads(tmp_path):
+    model = get_peft_model(dinov3(), config(depth_source="elevation", depth_hidden_size=None))
+    x, dsm = torch.rand(2, 3, 64, 48), torch.rand(2, 1, 64, 48) * 30.0
+    model.train()
+    out = model(pixel_values=x, elevation=dsm).last_hidden_state
+    out.pow(2).mean().backward()
+    encoder = model.base_model.spectralmoe_elevation_encoder["default"]
+    assert encoder.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=x, elevation=dsm).last_hidden_state
+        flat = model(pixel_values=x, elevation=torch.zeros_like(dsm)).last_hidden_state
+    assert not torch.allclose(expected, flat)
+    model.save_pretrained(tmp_path)
+    assert any("elevation_encoder" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(dinov3(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x, elevation=dsm).last_hidden_state, expected)
+    with pytest.raises(ValueError, match="elevation="):
+        loaded(pixel_values=x)
+
+
+def test_nodata_patches_stay_out_of_routing_statistics():
+    model = get_peft_model(dinov3(num_channels=4), config(use_depth=False, nodata_value=-9999.0, top_k=1))
+    x = torch.rand(1, 4, 64, 64)
+    x[:, :, :32, :] = -9999.0  # the top half of the image is nodata: patch rows 0-1 of 4
+    model(pixel_values=x)
+    mask = model.base_model._context.token_mask
+    assert mask.shape == (1, 16) and mask[0, :8].logical_not().all() and mask[0, 8:].all()
+    stats = model.get_routing_stats()[0]["visual"]
+    chosen = stats.topk_indices[0, 8:, 0]
+    expected_load = torch.bincount(chosen, minlength=3).float() / 8
+    torch.testing.assert_close(stats.expert_load, expected_load)
+    with pytest.raises(ValueError, match="nodata_mask"):
+        model(pixel_values=x, nodata_mask=torch.zeros(1, 10, 10, dtype=torch.bool))
+    model(pixel_values=torch.rand(1, 4, 64, 64), nodata_mask=torch.ones(1, 64, 64, dtype=torch.bool))
+    assert not model.base_model._context.token_mask.any()
+
+
+def test_widened_patch_embedding_is_trained_and_saved_with_the_adapter(tmp_path):
+    base = dinov3()
+    path = widen_patch_embedding(base, 6, rgb_band_indices=[2, 1, 0])
+    grey = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        rgb_out = dinov3()(pixel_values=grey.expand(-1, 3, -1, -1)).last_hidden_state
+        wide_out = base(pixel_values=grey.expand(-1, 6, -1, -1)).last_hidden_state
+    torch.testing.assert_close(wide_out, rgb_out, rtol=1e-4, atol=1e-5)  # same scale on band-constant input
+
+    model = get_peft_model(base, config(use_depth=False, modules_to_save=[path]))
+    assert any(path in n and p.requires_grad for n, p in model.named_parameters())
+    x = torch.rand(2, 6, 64, 64)
+    model.train()
+    model(pixel_values=x).last_hidden_state.pow(2).mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(tmp_path)
+    fresh = dinov3()
+    widen_patch_embedding(fresh, 6, rgb_band_indices=[2, 1, 0])
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+    with pytest.raises(ValueError, match="RGB"):
+        widen_patch_embedding(dinov3(num_channels=4), 6)
+
+
+def test_front_end_errors():
+    model = get_peft_model(dinov3(num_channels=4), config(rgb_band_indices=[4, 1, 0]))
+    model.set_depth_model(depth_anything())
+    with pytest.raises(ValueError, match="out of range"):
+        model(pixel_values=torch.rand(1, 4, 64, 64))
+    two_band = get_peft_model(dinov3(num_channels=2), config())
+    two_band.set_depth_model(depth_anything())
+    with pytest.raises(ValueError, match="3 bands"):
+        two_band(pixel_values=torch.rand(1, 2, 64, 64))
+    with pytest.raises(ValueError, match="no depth source"):
+        get_peft_model(dinov3(), config())(pixel_values=torch.rand(1, 3, 64, 64))
+
+    class NoHiddenStates(torch.nn.Module):
+        config = tf.Dinov2Config(hidden_size=48, patch_size=14)
+
+        def forward(self, pixel_values, output_hidden_states=True):
+            return tf.modeling_outputs.BaseModelOutput(last_hidden_state=pixel_values)
+
+    silent = get_peft_model(dinov3(), config())
+    silent.set_depth_model(NoHiddenStates())
+    with pytest.raises(ValueError, match="no hidden_states"):
+        silent(pixel_values=torch.rand(1, 3, 64, 64))
+    explicit = get_peft_model(dinov3(), config(depth_num_prefix_tokens=1))
+    with pytest.raises(ValueError, match="aspect ratio"):  # 1 + 7 tokens cannot form a 4 x 4-shaped grid
+        explicit(pixel_values=torch.rand(1, 3, 64, 64), depth_hidden_states=[torch.rand(1, 8, 48)] * 3)
