@@ -29,9 +29,6 @@ from .depth import (
 from .layer import SharedModules, SpectralMoELayer
 from .registration import PREFIX
 
-DEPTH_KWARGS = ("depth_hidden_states", "depth_pixel_values")
-
-
 def _depth_hidden_size(depth_model: nn.Module) -> Optional[int]:
     config = getattr(depth_model, "config", None)
     for candidate in (config, getattr(config, "backbone_config", None)):
@@ -234,10 +231,10 @@ class SpectralMoEModel(BaseTuner):
         for container in self._shared_containers():
             if adapter_name in container:
                 item = container[adapter_name]
-                if item.dtype in (torch.float16, torch.bfloat16) if isinstance(item, Tensor) else False:
-                    container[adapter_name] = item.float()
-                elif isinstance(item, nn.Module):
+                if isinstance(item, nn.Module):
                     item.float()
+                elif item.dtype in (torch.float16, torch.bfloat16):
+                    container[adapter_name] = item.float()
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(
