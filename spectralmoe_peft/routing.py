@@ -33,7 +33,9 @@ def at_least_fp32(tensor: Tensor) -> Tensor:
 
 def gate_logits(x: Tensor, weight: Tensor, gating: str) -> Tensor:
     """Clean gate logits h_e(x) in (at least) fp32. x: (B, N, D); weight: (E, D) -> (B, N, E)."""
-    x = at_least_fp32(x)
+    # contiguous: otherwise matmul's fold-or-batch choice (which also looks at requires_grad) changes the rounding,
+    # and a reloaded adapter (frozen) would differ from the trained one in the last bit
+    x = at_least_fp32(x).contiguous()
     weight = weight.to(x.dtype)
     if gating == "softmax":
         return x @ weight.t()
