@@ -1,0 +1,358 @@
+"""Training-step benchmark: SpectralMoE vs LoRA vs the naive (released-code-style) implementation.
+
+    python benchmarks/bench_step.py            # the target configuration (DINOv2-S-like, 512x512, E=6, k=1)
+    python benchmarks/bench_step.py --sweep    # vary N, width, experts, top-k one at a time around the target
+    python benchmarks/bench_step.py --quick    # a tiny smoke run (seconds), for humans checking the script works
+
+For every configuration, each method runs in a fresh subprocess (so peak memory is its own): build the models, then
+time full training steps (forward + backward + AdamW step): ``--warmup`` untimed steps, then the median of
+``--steps`` timed ones. Peak memory is measured over those steps, relative to the memory right after the build:
+on CUDA ``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``), on CPU the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs; falls back to ``ru_maxrss`` where that reset is not allowed).
+
+Methods (all on a frozen backbone, random init, nothing downloaded):
+  lora          LoRA r=16 (alpha 16) on the attention query/value projections (peft LoraConfig)
+  smoe_visual   SpectralMoE, use_depth=False
+  smoe_full     SpectralMoE with the depth model run on the fly (model.set_depth_model)
+  smoe_cached   SpectralMoE with depth hidden states precomputed once and passed as depth_hidden_states=
+  naive_full    benchmarks/naive.py (expert loop, nonzero dispatch, N x N fusion matrix), depth model on the fly
+
+Results: a table on stdout and JSON in benchmarks/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_cached", "naive_full")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str = "target"
+    image: int = 512  # square input; N = (image / patch)^2
+    patch: int = 16
+    width: int = 384
+    heads: int = 6
+    mlp: int = 1536
+    blocks: int = 4
+    batch: int = 2
+    experts: int = 6
+    top_k: int = 1
+    num_tokens: int = 100
+    expert_rank: int = 16
+    lora_rank: int = 16
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image // self.patch) ** 2
+
+
+TARGET = BenchConfig()
+QUICK = BenchConfig(name="quick", image=64, width=64, heads=2, mlp=256, blocks=2, experts=4, num_tokens=10)
+
+
+def _wide(config: BenchConfig, width: int) -> BenchConfig:
+    return replace(config, name=f"width={width}", width=width, heads=width // 64, mlp=4 * width)
+
+
+def sweep_configs() -> list[BenchConfig]:
+    """One axis at a time around the target: N, width, experts, top-k."""
+    configs = [TARGET]
+    configs += [replace(TARGET, name=f"N={(i // 16) ** 2}", image=i) for i in (256, 1024)]
+    configs += [_wide(TARGET, 768)]
+    configs += [replace(TARGET, name=f"experts={e}", experts=e) for e in (3, 12)]
+    configs += [replace(TARGET, name="top_k=2", top_k=2)]
+    return configs
+
+
+# --- analytic FLOPs (forward, multiply-add = 2 FLOPs) ------------------------------------------------------------
+
+
+def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
+    """Forward FLOPs of the adapter for one step's batch, as each implementation computes it.
+
+    Per block: expert tables (A B and W_t2f, once, shared by both streams); per stream: gate logits (x.w_e, and the
+    noise projection in training), expert scores and value mixing -- for all E experts in the package (dense, the
+    unchosen ones zeroed by the gate weights), for the k chosen ones in the naive loop; then the fusion (Q K^T and
+    A V over N x N) and W_delta. Elementwise work (softmax, norms) is left out.
+    """
+    b, n, d, e, k, m, r = (config.batch, config.num_patches, config.width, config.experts, config.top_k,
+                           config.num_tokens, config.expert_rank)
+    if method == "lora":
+        tokens = b * (n + 1)
+        return config.blocks * 2 * (2 * tokens * d * config.lora_rank * 2)  # q and v: x A then (x A) B
+    t = b * n
+    streams = 1 if method == "smoe_visual" else 2
+    routed = k if method.startswith("naive") else e
+    tables = 2 * e * m * r * d + 2 * e * m * d * d
+    gates = 2 * t * e * d * (2 if noisy else 1)
+    experts = 2 * t * routed * m * d + 2 * t * routed * (m - 1) * d
+    fusion = 4 * b * n * n * d if streams == 2 else 0
+    update = 2 * t * d * d
+    return config.blocks * (tables + streams * (gates + experts) + fusion + update)
+
+
+def backbone_flops(config: BenchConfig) -> int:
+    """Forward FLOPs of one ViT of this config (the depth model is another one, forward only)."""
+    b, n, d = config.batch, config.num_patches + 1, config.width
+    per_block = 2 * b * n * (4 * d * d + 2 * d * config.mlp) + 4 * b * n * n * d
+    return config.blocks * per_block
+
+
+# --- the worker: one method, one config, a fresh process ---------------------------------------------------------
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(spec: dict) -> dict:
+    import resource
+
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
+    import spectralmoe_peft as smoe
+    from naive import NaiveSpectralMoE
+
+    config = BenchConfig(**spec["config"])
+    method, device = spec["method"], torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+
+    def vit(seed: int):
+        torch.manual_seed(seed)
+        return tf.Dinov2Model(tf.Dinov2Config(
+            hidden_size=config.width, num_hidden_layers=config.blocks, num_attention_heads=config.heads,
+            intermediate_size=config.mlp, patch_size=config.patch, image_size=config.image,
+        ))
+
+    def smoe_config(**kw):
+        return smoe.SpectralMoEConfig(
+            num_experts=config.experts, top_k=config.top_k, expert_rank=config.expert_rank,
+            num_tokens=config.num_tokens, init_weights="paper", **kw,
+        )
+
+    x = torch.randn(config.batch, 3, config.image, config.image, device=device)
+    kwargs, aux = {}, None
+    if method == "lora":
+        model = get_peft_model(vit(0), LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank,
+                                                  target_modules=["q_proj", "v_proj"]))
+    elif method == "smoe_visual":
+        model = get_peft_model(vit(0), smoe_config(use_depth=False))
+        aux = model.get_aux_loss
+    elif method == "smoe_full":
+        model = get_peft_model(vit(0), smoe_config())
+        model.set_depth_model(vit(1))
+        aux = model.get_aux_loss
+    elif method == "smoe_cached":
+        model = get_peft_model(vit(0), smoe_config(depth_num_prefix_tokens=1))
+        aux = model.get_aux_loss
+        depth_model = vit(1).to(device).eval()
+        mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            states = depth_model(pixel_values=(x - mean) / std, output_hidden_states=True).hidden_states
+        kwargs["depth_hidden_states"] = tuple(s.detach() for s in states)  # the cache, as a dataloader would give it
+        del depth_model
+    elif method == "naive_full":
+        model = NaiveSpectralMoE(
+            vit(0), num_experts=config.experts, top_k=config.top_k, expert_rank=config.expert_rank,
+            num_tokens=config.num_tokens,
+        )
+        model.set_depth_model(vit(1))
+        model._depth_model.to(device)
+        aux = lambda: model.aux_loss  # noqa: E731
+    else:
+        raise ValueError(method)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = model(pixel_values=x, **kwargs).last_hidden_state
+            loss = out.float().pow(2).mean()
+            if aux is not None:
+                loss = loss + aux()
+        loss.backward()
+        optimizer.step()
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        mem_method = "cuda.max_memory_allocated"
+    else:
+        base_mem = _rss_kb("VmRSS") * 1024
+        hwm_reset = _reset_peak_rss()
+        mem_method = "VmHWM (clear_refs reset)" if hwm_reset else "ru_maxrss"
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base_mem
+    elif hwm_reset:
+        peak = _rss_kb("VmHWM") * 1024 - base_mem
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
+    return {
+        "method": method,
+        "step_ms": 1e3 * statistics.median(times),
+        "step_ms_all": [1e3 * t for t in times],
+        "peak_mem_mb": peak / 2**20,
+        "mem_method": mem_method,
+        "trainable_params": sum(p.numel() for p in params),
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+    }
+
+
+def run_method(config: BenchConfig, method: str, args) -> dict:
+    spec = {"config": asdict(config), "method": method, "device": args.device, "threads": args.threads,
+            "warmup": args.warmup, "steps": args.steps}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"method": method, "error": " | ".join(tail)}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# --- the driver ----------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(config: BenchConfig, results: dict[str, dict]) -> dict:
+    lora = results.get("lora", {})
+    rows = []
+    header = (f"{'method':<12} {'step ms':>9} {'x LoRA':>7} {'peak MB':>9} {'x LoRA':>7} "
+              f"{'adapter GF':>10} {'trainable':>10}")
+    print(f"\n== {config.name}: image {config.image} (N={config.num_patches}), width {config.width}, "
+          f"{config.blocks} blocks, batch {config.batch}, E={config.experts}, k={config.top_k}, "
+          f"M={config.num_tokens}, r={config.expert_rank}; backbone fwd {backbone_flops(config) / 1e9:.1f} GFLOP "
+          f"(depth model the same)")
+    print(header)
+    print("-" * len(header))
+    for method in METHODS:
+        result = results.get(method)
+        if result is None:
+            continue
+        if "error" in result:
+            print(f"{method:<12} ERROR {result['error']}")
+            continue
+        result["adapter_gflop_fwd"] = adapter_flops(config, method) / 1e9
+        if "step_ms" in lora:
+            result["time_vs_lora"] = result["step_ms"] / lora["step_ms"]
+            result["mem_vs_lora"] = result["peak_mem_mb"] / lora["peak_mem_mb"] if lora["peak_mem_mb"] > 0 else None
+        print(f"{method:<12} {result['step_ms']:>9.0f} {_fmt(result.get('time_vs_lora'), '>7.2f')} "
+              f"{result['peak_mem_mb']:>9.0f} {_fmt(result.get('mem_vs_lora'), '>7.2f')} "
+              f"{result['adapter_gflop_fwd']:>10.2f} {result['trainable_params']:>10,}")
+        rows.append(result)
+    summary = {}
+    full, naive = results.get("smoe_full", {}), results.get("naive_full", {})
+    if "step_ms" in full and "step_ms" in naive:
+        summary = {"naive_vs_ours_time": naive["step_ms"] / full["step_ms"],
+                   "naive_vs_ours_mem": naive["peak_mem_mb"] / full["peak_mem_mb"] if full["peak_mem_mb"] > 0 else None}
+        print(f"naive_full / smoe_full: time x{summary['naive_vs_ours_time']:.2f}, "
+              f"peak memory x{_fmt(summary['naive_vs_ours_mem'], '.2f')}")
+    return {"config": asdict(config), "num_patches": config.num_patches,
+            "backbone_gflop_fwd": backbone_flops(config) / 1e9, "results": rows, "summary": summary}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="vary N, width, experts, top-k around the target")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--only", default=None,
+                        help="with --sweep: comma-separated config names to run, e.g. 'N=256,experts=12'")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 1; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default 5; quick 2)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per method and config")
+    parser.add_argument("--name", default=None, help="results file name (default: target / sweep / quick + device)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.warmup = args.warmup if args.warmup is not None else 1
+    args.steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    configs = [QUICK] if args.quick else sweep_configs() if args.sweep else [TARGET]
+    if args.only:
+        wanted = {c.strip() for c in args.only.split(",") if c.strip()}
+        known = {c.name for c in sweep_configs()}
+        if wanted - known:
+            parser.error(f"unknown configs {sorted(wanted - known)}; choose from {sorted(known)}")
+        configs = [c for c in sweep_configs() if c.name in wanted]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    name = args.name or ("quick" if args.quick else "sweep" if args.sweep else "target") + f"_{args.device}"
+    print(f"device {args.device}, threads {args.threads if args.device == 'cpu' else '-'}, "
+          f"warmup {args.warmup}, timed steps {args.steps} (median), "
+          f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}; load average {os.getloadavg()[0]:.2f}")
+    out = {"device": args.device, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
+           "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": []}
+    for config in configs:
+        results = {}
+        for method in methods:
+            results[method] = run_method(config, method, args)
+        out["configs"].append(report(config, results))
+    out["load_average_end"] = os.getloadavg()[0]
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"{name}.json")
+    with open(path, "w") as file:
+        json.dump(out, file, indent=2)
+    print(f"\nwrote {os.path.relpath(path, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Segmentation models for the workflow: UperNet over a (frozen) ViT backbone, and the depth model.
+
+Offline, the defaults are small randomly initialized models (nothing can be downloaded); ``backbone`` and
+``depth_model`` also take Hub ids or local paths of real foundation models (DINOv2/DINOv3, Depth Anything V2).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from ..bands import widen_patch_embedding
+
+TINY = "tiny"  # the built-in random backbone / depth model
+
+
+def tiny_backbone_config(num_bands: int, image_size: int = 64, hidden_size: int = 96, num_layers: int = 4,
+                         patch_size: int = 8) -> tf.Dinov2Config:
+    """A DINOv2-shaped backbone small enough to train on 2 CPU cores in minutes."""
+    return tf.Dinov2Config(
+        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4, intermediate_size=2 * hidden_size,
+        image_size=image_size, patch_size=patch_size, num_channels=num_bands, drop_path_rate=0.0,
+        out_features=[f"stage{i}" for i in range(1, num_layers + 1)],
+    )
+
+
+def build_upernet(
+    num_bands: int,
+    num_classes: int,
+    backbone: str = TINY,
+    image_size: int = 64,
+    head_hidden_size: int = 64,
+    seed: int = 0,
+    ignore_index: int = 255,
+) -> tuple[tf.UperNetForSemanticSegmentation, list[str]]:
+    """UperNet over a ViT backbone with ``num_bands`` input bands; returns the model and the module paths to train
+    and save beside the adapter (``modules_to_save``): the decode head and, for a widened RGB backbone, its patch
+    embedding."""
+    torch.manual_seed(seed)
+    to_save = ["decode_head"]
+    if backbone == TINY:
+        backbone_config = tiny_backbone_config(num_bands, image_size)
+        pretrained = None
+    else:
+        backbone_config = tf.AutoConfig.from_pretrained(backbone)
+        depth = backbone_config.num_hidden_layers
+        picks = sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+        backbone_config.out_indices = picks
+        backbone_config.out_features = [f"stage{i}" for i in picks]
+        pretrained = tf.AutoBackbone.from_pretrained(backbone, out_indices=picks)
+    config = tf.UperNetConfig(
+        backbone_config=backbone_config, hidden_size=head_hidden_size, pool_scales=[1, 2, 3, 6], num_labels=num_classes,
+        use_auxiliary_head=False, loss_ignore_index=ignore_index,
+    )
+    model = tf.UperNetForSemanticSegmentation(config)
+    if pretrained is not None:
+        model.backbone = pretrained
+        if pretrained.config.num_channels != num_bands:
+            to_save.append("backbone." + widen_patch_embedding(model.backbone, num_bands))
+    model.requires_grad_(False)
+    return model.eval(), to_save
+
+
+def build_depth_model(depth_model: str = TINY, seed: int = 1) -> nn.Module:
+    """The frozen depth model run on the R, G, B bands: a tiny random DINOv2 (other width and patch size than the
+    backbone, as Depth Anything's ViT-S vs a DINOv3 backbone), or a Hub id / path of a model returning
+    ``hidden_states`` (for Depth Anything: its ``backbone``)."""
+    if depth_model == TINY:
+        torch.manual_seed(seed)
+        config = tf.Dinov2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                                 image_size=63, patch_size=7)
+        return tf.Dinov2Model(config).eval().requires_grad_(False)
+    model = tf.AutoModel.from_pretrained(depth_model)
+    inner = getattr(model, "backbone", None)  # DepthAnythingForDepthEstimation -> its ViT returns hidden_states
+    return (inner if inner is not None else model).eval().requires_grad_(False)
+
+
+def segmentation_logits(model: nn.Module, batch: dict[str, Tensor], extra_inputs: Optional[dict] = None) -> Tensor:
+    """(B, num_classes, H, W) logits at input resolution. ``extra_inputs`` carries SpectralMoE-only inputs
+    (``nodata_mask``); plain and LoRA models get pixel values only."""
+    outputs = model(pixel_values=batch["pixel_values"], **(extra_inputs or {}))
+    logits = outputs.logits
+    size = batch["pixel_values"].shape[-2:]
+    if logits.shape[-2:] != size:
+        logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits
