@@ -4,11 +4,15 @@
     python benchmarks/bench_step.py --sweep    # vary N, width, experts, top-k one at a time around the target
     python benchmarks/bench_step.py --quick    # a tiny smoke run (seconds), for humans checking the script works
 
-For every configuration, each method runs in a fresh subprocess (so peak memory is its own): build the models, then
-time full training steps (forward + backward + AdamW step): ``--warmup`` untimed steps, then the median of
-``--steps`` timed ones. Peak memory is measured over those steps, relative to the memory right after the build:
-on CUDA ``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``), on CPU the process's peak resident set
-(VmHWM, reset through /proc/self/clear_refs; falls back to ``ru_maxrss`` where that reset is not allowed).
+For every configuration:
+* time: all methods are built side by side in one process and stepped round-robin (one full training step --
+  forward + backward + AdamW step -- of each method per round), so a load change on a shared machine hits every
+  method alike; ``--warmup`` untimed steps each, then the median of ``--steps`` rounds;
+* memory: each method again in a fresh subprocess (so the peak is its own), over warmup + 1 steps, relative to the
+  memory right after the build: on CUDA ``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``), on
+  CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs; ``ru_maxrss`` where that reset is
+  not allowed).
+On CUDA the steps run under bf16 autocast (adapters and optimizer state in fp32); on CPU in fp32 with ``--threads``.
 
 Methods (all on a frozen backbone, random init, nothing downloaded):
   lora          LoRA r=16 (alpha 16) on the attention query/value projections (peft LoraConfig)
@@ -130,9 +134,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def worker(spec: dict) -> dict:
-    import resource
-
+def build(config: BenchConfig, method: str, device):
+    """Build one method's model and optimizer; returns (step function, trainable parameter count)."""
     import torch
     import transformers as tf
     from peft import LoraConfig, get_peft_model
@@ -142,12 +145,7 @@ def worker(spec: dict) -> dict:
     import spectralmoe_peft as smoe
     from naive import NaiveSpectralMoE
 
-    config = BenchConfig(**spec["config"])
-    method, device = spec["method"], torch.device(spec["device"])
     cuda = device.type == "cuda"
-    if not cuda:
-        torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
 
     def vit(seed: int):
         torch.manual_seed(seed)
@@ -162,6 +160,7 @@ def worker(spec: dict) -> dict:
             num_tokens=config.num_tokens, init_weights="paper", **kw,
         )
 
+    torch.manual_seed(0)
     x = torch.randn(config.batch, 3, config.image, config.image, device=device)
     kwargs, aux = {}, None
     if method == "lora":
@@ -207,53 +206,111 @@ def worker(spec: dict) -> dict:
                 loss = loss + aux()
         loss.backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
 
+    return step, sum(p.numel() for p in params)
+
+
+def _setup(spec: dict):
+    import torch
+
+    device = torch.device(spec["device"])
+    if device.type != "cuda":
+        torch.set_num_threads(spec["threads"])
+    return torch, device
+
+
+def memory_worker(spec: dict) -> dict:
+    """One method in a fresh process: peak memory over warmup + 1 steps, relative to right after the build."""
+    import resource
+
+    torch, device = _setup(spec)
+    config = BenchConfig(**spec["config"])
+    # one-time library initialization (kernels, thread pools, autograd engine) out of the measurement, alike for
+    # every method: a throwaway training step of a tiny version of the same method
+    tiny = replace(QUICK, image=32, blocks=1)
+    build(tiny, spec["method"], device)[0]()
+    step, trainable = build(config, spec["method"], device)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
         mem_method = "cuda.max_memory_allocated"
     else:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
         base_mem = _rss_kb("VmRSS") * 1024
         hwm_reset = _reset_peak_rss()
         mem_method = "VmHWM (clear_refs reset)" if hwm_reset else "ru_maxrss"
-    times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    for _ in range(max(1, spec["warmup"]) + 1):  # the step after the first has the optimizer state too
         step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_mem
     elif hwm_reset:
         peak = _rss_kb("VmHWM") * 1024 - base_mem
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
-    return {
-        "method": method,
-        "step_ms": 1e3 * statistics.median(times),
-        "step_ms_all": [1e3 * t for t in times],
-        "peak_mem_mb": peak / 2**20,
-        "mem_method": mem_method,
-        "trainable_params": sum(p.numel() for p in params),
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-    }
+    return {"method": spec["method"], "peak_mem_mb": peak / 2**20, "mem_method": mem_method,
+            "trainable_params": trainable}
 
 
-def run_method(config: BenchConfig, method: str, args) -> dict:
-    spec = {"config": asdict(config), "method": method, "device": args.device, "threads": args.threads,
-            "warmup": args.warmup, "steps": args.steps}
+def timing_worker(spec: dict) -> dict:
+    """All methods side by side in one process, steps interleaved round-robin (so a load change on a shared machine
+    hits every method alike): warmup steps each, then ``steps`` rounds of one timed step per method; medians."""
+    torch, device = _setup(spec)
+    config = BenchConfig(**spec["config"])
+    steps = {method: build(config, method, device)[0] for method in spec["methods"]}
+    for step in steps.values():
+        for _ in range(spec["warmup"]):
+            step()
+    times = {method: [] for method in steps}
+    for _ in range(spec["steps"]):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(1e3 * (time.perf_counter() - start))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {method: {"step_ms": statistics.median(t), "step_ms_all": t, "device": name}
+            for method, t in times.items()}
+
+
+def _subprocess(spec: dict, args) -> dict:
+    env = dict(os.environ)
+    if spec["kind"] == "memory":
+        # a fixed mmap threshold: large tensors are mmapped and go back to the OS when freed, so resident memory
+        # follows live tensors (glibc's dynamic threshold would keep freed build-time buffers and hide them)
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=args.timeout)
+                          capture_output=True, text=True, timeout=args.timeout, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"method": method, "error": " | ".join(tail)}
+        return {"error": " | ".join(tail)}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_config(config: BenchConfig, methods: list[str], args) -> dict[str, dict]:
+    base = {"config": asdict(config), "device": args.device, "threads": args.threads, "warmup": args.warmup,
+            "steps": args.steps}
+    load_before = os.getloadavg()[0]
+    timing = _subprocess({**base, "kind": "timing", "methods": methods}, args)
+    results = {}
+    for method in methods:
+        memory = _subprocess({**base, "kind": "memory", "method": method}, args)
+        result = {"method": method, **memory}
+        if "error" in timing:
+            result["error"] = "timing: " + timing["error"]
+        else:
+            result.update(timing[method])
+        result["load_average"] = [load_before, os.getloadavg()[0]]
+        results[method] = result
+    return results
 
 
 # --- the driver ----------------------------------------------------------------------------------------------------
@@ -316,7 +373,9 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        result = timing_worker(spec) if spec["kind"] == "timing" else memory_worker(spec)
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     import torch
@@ -335,16 +394,14 @@ def main(argv=None) -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    name = args.name or ("quick" if args.quick else "sweep" if args.sweep else "target") + f"_{args.device}"
+    name = args.name or ("quick" if args.quick else "sweep" if args.sweep or args.only else "target") + f"_{args.device}"
     print(f"device {args.device}, threads {args.threads if args.device == 'cpu' else '-'}, "
           f"warmup {args.warmup}, timed steps {args.steps} (median), "
           f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}; load average {os.getloadavg()[0]:.2f}")
     out = {"device": args.device, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
            "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": []}
     for config in configs:
-        results = {}
-        for method in methods:
-            results[method] = run_method(config, method, args)
+        results = run_config(config, methods, args)
         out["configs"].append(report(config, results))
     out["load_average_end"] = os.getloadavg()[0]
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

@@ -8,10 +8,12 @@ from .registration import SPECTRALMOE, register  # extends PeftType first: the c
 
 from .config import SpectralMoEConfig  # noqa: E402
 from .context import RoutingStats  # noqa: E402
+from .hub import set_model_card_info  # noqa: E402
 from .layer import SpectralMoELayer  # noqa: E402
 from .model import SpectralMoEModel  # noqa: E402
 
 register(SpectralMoEConfig, SpectralMoEModel)
 
 __version__ = "0.1.0"
-__all__ = ["SPECTRALMOE", "RoutingStats", "SpectralMoEConfig", "SpectralMoELayer", "SpectralMoEModel", "__version__"]
+__all__ = ["SPECTRALMOE", "RoutingStats", "SpectralMoEConfig", "SpectralMoELayer", "SpectralMoEModel", "__version__",
+           "set_model_card_info"]

@@ -73,12 +73,34 @@ def _fix_old_peft_saving() -> None:
     peft_model.get_peft_model_state_dict = get_peft_model_state_dict
 
 
+def _extend_model_card() -> None:
+    """After peft writes its card (every save_pretrained / push_to_hub), add the SpectralMoE section."""
+    from peft import PeftModel
+
+    if getattr(PeftModel.create_or_update_model_card, "_smoe", 0):
+        return
+    original = PeftModel.create_or_update_model_card
+
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        name = getattr(self, "active_adapter", "default")
+        config = self.peft_config.get(name)
+        if config is not None and config.peft_type == SPECTRALMOE:
+            from .hub import write_model_card
+
+            write_model_card(self, output_dir, name)
+
+    create_or_update_model_card._smoe = 1
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
 def register(config_cls: type, model_cls: type) -> None:
     """Register config, tuner and prefix with peft; on re-import, point the registry at the new classes."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
     _fix_old_peft_saving()
+    _extend_model_card()
     if SPECTRALMOE in PEFT_TYPE_TO_CONFIG_MAPPING:
         PEFT_TYPE_TO_CONFIG_MAPPING[SPECTRALMOE] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[SPECTRALMOE] = model_cls
