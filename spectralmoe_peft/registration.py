@@ -94,6 +94,25 @@ def _extend_model_card() -> None:
     PeftModel.create_or_update_model_card = create_or_update_model_card
 
 
+def _keep_model_card_on_push() -> None:
+    """transformers' ``push_to_hub`` saves the folder, then overwrites its README.md with the Hub repo's card (or an
+    empty template): write the SpectralMoE card into it again just before the upload, so it reaches the Hub."""
+    from peft import PeftModel
+
+    if getattr(PeftModel._upload_modified_files, "_smoe", 0):
+        return
+    original = PeftModel._upload_modified_files
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        config = self.peft_config.get(getattr(self, "active_adapter", "default"))
+        if config is not None and config.peft_type == SPECTRALMOE:
+            self.create_or_update_model_card(working_dir)
+        return original(self, working_dir, *args, **kwargs)
+
+    _upload_modified_files._smoe = 1
+    PeftModel._upload_modified_files = _upload_modified_files
+
+
 def register(config_cls: type, model_cls: type) -> None:
     """Register config, tuner and prefix with peft; on re-import, point the registry at the new classes."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -101,6 +120,7 @@ def register(config_cls: type, model_cls: type) -> None:
 
     _fix_old_peft_saving()
     _extend_model_card()
+    _keep_model_card_on_push()
     if SPECTRALMOE in PEFT_TYPE_TO_CONFIG_MAPPING:
         PEFT_TYPE_TO_CONFIG_MAPPING[SPECTRALMOE] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[SPECTRALMOE] = model_cls

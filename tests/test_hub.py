@@ -1,0 +1,99 @@
+"""Model cards and push_to_hub, without network: the folder that would be uploaded is captured and loaded back."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from peft import PeftModel, get_peft_model
+
+import spectralmoe_peft
+from spectralmoe_peft import SpectralMoEConfig
+from tiny_models import make_depth_model, make_model
+
+BASE = "facebook/dinov3-vits16-pretrain-lvd1689m"
+
+
+def adapted(**overrides):
+    config = SpectralMoEConfig(**{"num_experts": 3, "expert_rank": 4, "num_tokens": 5, "init_weights": False,
+                                  "depth_hidden_size": 48, "rgb_band_indices": [2, 1, 0], **overrides})
+    model = get_peft_model(make_model("dinov2", num_channels=6), config).eval()
+    if config.use_depth:
+        model.set_depth_model(make_depth_model())
+    return model
+
+
+def describe(model):
+    spectralmoe_peft.set_model_card_info(
+        model, base_model=BASE, depth_model="depth-anything/Depth-Anything-V2-Small-hf",
+        bands=["B02", "B03", "B04", "B08", "B11", "B12"], wavelengths_nm=[490, 560, 665, 842, 1610, 2190],
+        classes=["water", "forest"], metrics={"target mIoU": 0.4321}, datasets=["Landsat-7 NC -> Sentinel-2"],
+    )
+
+
+def test_card_says_how_to_load_and_what_was_trained(tmp_path):
+    model = adapted()
+    describe(model)
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # a second save replaces the section rather than adding another
+    card = ModelCard.load(tmp_path / "README.md")
+    text = card.text
+    assert text.count("spectralmoe-peft:start") == 1
+    assert "import spectralmoe_peft" in text and "PeftModel.from_pretrained" in text
+    assert text.index("import spectralmoe_peft") < text.index("PeftModel.from_pretrained")
+    for fact in (BASE, "Depth-Anything-V2-Small-hf", "B11 (1610 nm)", "water, forest", "0.4321", "top-1",
+                 "band indices [2, 1, 0]", "- PEFT "):
+        assert fact in text, fact
+    assert "[More Information Needed]" not in text
+    assert card.data.base_model == BASE and card.data.library_name == "peft"
+    assert "spectralmoe" in card.data.tags and f"base_model:adapter:{BASE}" in card.data.tags
+
+
+def test_visual_only_card_has_no_depth_call(tmp_path):
+    model = adapted(use_depth=False)
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "visual-only" in text and "set_depth_model" not in text
+
+
+def test_set_model_card_info_checks_bands(tmp_path):
+    with pytest.raises(ValueError, match="2 band names but 3 wavelengths"):
+        spectralmoe_peft.set_model_card_info(adapted(use_depth=False), bands=["a", "b"], wavelengths_nm=[1, 2, 3])
+
+
+def test_push_to_hub_uploads_a_folder_that_loads_back_with_its_card(tmp_path, monkeypatch):
+    import transformers.utils.hub as hub
+
+    uploaded = tmp_path / "uploaded"
+
+    def create_commit(repo_id, operations, **kwargs):  # stands in for the network: keep what would be sent
+        for operation in operations:
+            target = uploaded / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(operation.path_or_fileobj, target)
+        return SimpleNamespace(commit_url="offline")
+
+    fake_api = SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id),
+                               create_commit=create_commit)
+    monkeypatch.setattr(hub, "hf_api", lambda: fake_api)
+    # a new repo: transformers then writes its template card over the saved one
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None:
+                        ModelCard.from_template(ModelCardData(tags=tags or [], library_name="transformers")))
+    model = adapted()
+    describe(model)
+    x = torch.rand(2, 6, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.push_to_hub("me/dinov3-spectralmoe")
+
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in uploaded.iterdir()}
+    card = (uploaded / "README.md").read_text()
+    assert "import spectralmoe_peft" in card and BASE in card and "0.4321" in card
+    loaded = PeftModel.from_pretrained(make_model("dinov2", num_channels=6), uploaded).eval()
+    loaded.set_depth_model(make_depth_model())
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
