@@ -62,7 +62,8 @@ def _prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, top_k: int) 
     threshold_if_in = top_values[..., top_k : top_k + 1]  # the (k+1)-th value: e stays in if it beats it
     threshold_if_out = top_values[..., top_k - 1 : top_k]  # the k-th value: e gets in if it beats it
     is_in = noisy > threshold_if_in
-    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+    # validate_args=False: a NaN input propagates to the output (and the loss) instead of raising mid-layer
+    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()), validate_args=False)
     prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
     prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
     return torch.where(is_in, prob_if_in, prob_if_out)
