@@ -395,7 +395,8 @@ def main(argv=None) -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    name = args.name or ("quick" if args.quick else "sweep" if args.sweep or args.only else "target") + f"_{args.device}"
+    kind = "quick" if args.quick else "sweep" if args.sweep or args.only else "target"
+    name = args.name or f"{kind}_{args.device}"
     print(f"device {args.device}, threads {args.threads if args.device == 'cpu' else '-'}, "
           f"warmup {args.warmup}, timed steps {args.steps} (median), "
           f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}; load average {os.getloadavg()[0]:.2f}")

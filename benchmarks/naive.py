@@ -269,7 +269,7 @@ class NaiveSpectralMoE(nn.Module):
             top_values = logits.topk(self.top_k + 1, dim=-1).values
             threshold_in = top_values[..., self.top_k : self.top_k + 1]
             threshold_out = top_values[..., self.top_k - 1 : self.top_k]
-            normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+            normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()), validate_args=False)
             load = torch.where(
                 logits > threshold_in,
                 normal.cdf((clean - threshold_in) / noise_std),
