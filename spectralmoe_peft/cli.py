@@ -21,7 +21,8 @@ def _demo_parser(subparsers) -> None:
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--crop", type=int, default=64, help="training crop / sliding window size in pixels")
     demo.add_argument("--lr", type=float, default=5e-3,
-                      help="learning rate (the paper uses 1e-4 over 40k steps on a pretrained backbone; this short schedule on a random one needs more)")
+                      help="learning rate (the paper uses 1e-4 over 40k steps on a pretrained backbone; this short "
+                      "schedule on a random one needs more)")
     demo.add_argument("--backbone", default="tiny", help="'tiny' (random, built in) or a Hub id / path of a ViT")
     demo.add_argument("--depth-model", default="tiny", help="'tiny' (random) or a Hub id / path of a depth model")
     demo.add_argument("--num-experts", type=int, default=6)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from einops import einsum
 from torch import Tensor, nn
 

@@ -12,7 +12,7 @@ import re
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from torch import Tensor, nn
 
 from .architectures import BlockStack, find_block_stack, patch_size_of, prefix_tokens_of

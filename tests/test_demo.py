@@ -50,3 +50,31 @@ def test_demo_end_to_end(tmp_path):
 def test_demo_config_rejects_unknown_methods():
     with pytest.raises(ValueError, match="Unknown methods"):
         DemoConfig(methods=("frozen", "prompt_tuning"))
+
+
+def test_demo_takes_local_backbone_and_depth_model_paths(tmp_path):
+    """--backbone / --depth-model accept what from_pretrained accepts; here local folders of an RGB DINOv2 (widened
+    to 6 bands, the widened embedding trained and saved) and a Depth Anything model (its ViT gives the features)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   patch_size=8, image_size=64)).save_pretrained(tmp_path / "rgb_vit")
+    backbone = tf.Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                               patch_size=7, image_size=63, out_indices=[1, 2], reshape_hidden_states=False)
+    depth = tf.DepthAnythingConfig(backbone_config=backbone, patch_size=7, reassemble_hidden_size=24,
+                                   fusion_hidden_size=16, head_hidden_size=8, neck_hidden_sizes=[12, 24],
+                                   reassemble_factors=[2, 1])
+    tf.DepthAnythingForDepthEstimation(depth).save_pretrained(tmp_path / "depth")
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "spectralmoe_peft.cli", "demo", "--out", str(out), "--steps", "2",
+               "--eval-crop", "64", "--no-progress", "--methods", "spectralmoe_depth",
+               "--backbone", str(tmp_path / "rgb_vit"), "--depth-model", str(tmp_path / "depth")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["reload_check"]["identical"]
+    config = PeftConfig.from_pretrained(out / "adapters" / "spectralmoe_depth")
+    assert "backbone.embeddings.patch_embeddings.projection" in config.modules_to_save
+    assert config.depth_model_name_or_path == str(tmp_path / "depth")

@@ -80,7 +80,8 @@ def test_plain_loop_trains_with_aux_loss_and_routing_health():
     health = history.routing[-1]
     assert set(health) == {f"block{i}/visual" for i in range(4)}
     for entry in health.values():
-        assert sum(entry["load"]) == pytest.approx(1.0, abs=1e-3) and 0 < entry["entropy"] <= torch.log(torch.tensor(3.))
+        assert sum(entry["load"]) == pytest.approx(1.0, abs=1e-3)
+        assert 0 < entry["entropy"] <= torch.log(torch.tensor(3.0))
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert not model.training  # left in eval mode for evaluation
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as tf
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import SpectralMoEConfig
 from .evaluate import confusion_matrix, segmentation_metrics, sliding_window_logits
-from .models import TINY, build_depth_model, build_upernet, segmentation_logits
+from .models import TINY, build_depth_model, build_upernet, depth_width, segmentation_logits
 from .scenes import CLASSES, IGNORE_INDEX, RGB_BAND_INDICES, Scene, load_landsat7_nc, load_sentinel2_brandenburg
 from .tiles import BandStats, RandomCrops, normalize
 from .train import TrainConfig, TrainHistory, is_spectralmoe, train_segmentation
@@ -70,7 +70,8 @@ def _centre(scene: Scene, size: Optional[int]) -> Scene:
     return scene.crop(slice(top, top + size), slice(left, left + size))
 
 
-def _wrap(method: str, base: nn.Module, to_save: list[str], config: DemoConfig, depth_width: int) -> nn.Module:
+def _wrap(method: str, base: nn.Module, to_save: list[str], config: DemoConfig, depth_features: int,
+          normalization: Optional[tuple[list, list]] = None) -> nn.Module:
     """The same base model, made trainable the way ``method`` says."""
     if method == "frozen":
         for path in to_save:
@@ -82,10 +83,11 @@ def _wrap(method: str, base: nn.Module, to_save: list[str], config: DemoConfig, 
     use_depth = method == "spectralmoe_depth"
     moe = SpectralMoEConfig(
         num_experts=config.num_experts, top_k=config.top_k, use_depth=use_depth, modules_to_save=list(to_save),
-        rgb_band_indices=list(RGB_BAND_INDICES), depth_hidden_size=depth_width if use_depth else None,
+        rgb_band_indices=list(RGB_BAND_INDICES), depth_hidden_size=depth_features if use_depth else None,
         # inputs are z-scores per band: map roughly [-2, 2] to the depth model's [0, 1] RGB
         depth_input_rescale=0.25, depth_input_offset=0.5,
         depth_model_name_or_path=None if config.depth_model == TINY else config.depth_model,
+        **({"depth_image_mean": normalization[0], "depth_image_std": normalization[1]} if normalization else {}),
     )
     return get_peft_model(base, moe)
 
@@ -156,14 +158,14 @@ def run_demo(config: DemoConfig) -> dict:
           f"evaluates on {source_eval.labels.shape}; target {target.name}: {target_eval.labels.shape} at "
           f"{target.gsd_m} m\n")
 
-    depth_model = build_depth_model(config.depth_model, seed=config.seed + 1)
-    depth_width = depth_model.config.hidden_size
+    depth_model, normalization = build_depth_model(config.depth_model, seed=config.seed + 1)
+    features = depth_width(depth_model)
     train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
                                seed=config.seed, log_every=max(1, config.steps // 30))
     results, histories = {}, {}
     for method in config.methods:
         base, to_save = build_upernet(source.num_bands, len(CLASSES), config.backbone, config.crop, seed=config.seed)
-        model = _wrap(method, base, to_save, config, depth_width)
+        model = _wrap(method, base, to_save, config, features, normalization)
         if method == "spectralmoe_depth":
             model.set_depth_model(depth_model)
         history = train_segmentation(model, crops, train_config, progress=config.progress, description=method)

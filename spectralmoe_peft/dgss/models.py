@@ -13,6 +13,7 @@ import transformers as tf
 from torch import Tensor, nn
 
 from ..bands import widen_patch_embedding
+from ..depth import load_depth_model
 
 TINY = "tiny"  # the built-in random backbone / depth model
 
@@ -35,10 +36,11 @@ def build_upernet(
     head_hidden_size: int = 64,
     seed: int = 0,
     ignore_index: int = 255,
+    rgb_band_indices: tuple[int, ...] = (2, 1, 0),
 ) -> tuple[tf.UperNetForSemanticSegmentation, list[str]]:
     """UperNet over a ViT backbone with ``num_bands`` input bands; returns the model and the module paths to train
     and save beside the adapter (``modules_to_save``): the decode head and, for a widened RGB backbone, its patch
-    embedding."""
+    embedding (its R, G, B filters go to ``rgb_band_indices``)."""
     torch.manual_seed(seed)
     to_save = ["decode_head"]
     if backbone == TINY:
@@ -50,7 +52,9 @@ def build_upernet(
         picks = sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75, 1.0)})
         backbone_config.out_indices = picks
         backbone_config.out_features = [f"stage{i}" for i in picks]
-        pretrained = tf.AutoBackbone.from_pretrained(backbone, out_indices=picks)
+        # the backbone class of that config (AutoBackbone.from_pretrained rejects local folders in transformers 5.24)
+        backbone_class = tf.AutoBackbone._model_mapping[type(backbone_config)]
+        pretrained = backbone_class.from_pretrained(backbone, out_indices=picks)
     config = tf.UperNetConfig(
         backbone_config=backbone_config, hidden_size=head_hidden_size, pool_scales=[1, 2, 3, 6], num_labels=num_classes,
         use_auxiliary_head=False, loss_ignore_index=ignore_index,
@@ -59,23 +63,31 @@ def build_upernet(
     if pretrained is not None:
         model.backbone = pretrained
         if pretrained.config.num_channels != num_bands:
-            to_save.append("backbone." + widen_patch_embedding(model.backbone, num_bands))
+            to_save.append("backbone." + widen_patch_embedding(model.backbone, num_bands, rgb_band_indices))
     model.requires_grad_(False)
     return model.eval(), to_save
 
 
-def build_depth_model(depth_model: str = TINY, seed: int = 1) -> nn.Module:
-    """The frozen depth model run on the R, G, B bands: a tiny random DINOv2 (other width and patch size than the
-    backbone, as Depth Anything's ViT-S vs a DINOv3 backbone), or a Hub id / path of a model returning
-    ``hidden_states`` (for Depth Anything: its ``backbone``)."""
+def build_depth_model(depth_model: str = TINY, seed: int = 1) -> tuple[nn.Module, Optional[tuple[list, list]]]:
+    """The frozen depth model run on the R, G, B bands, and its processor's (mean, std) when it has one: a tiny
+    random DINOv2 (other width and patch size than the backbone, as Depth Anything's ViT vs a DINOv3 backbone), or
+    a Hub id / local path of a model that returns ``hidden_states`` (Depth Anything, DPT, DINOv2, ...)."""
     if depth_model == TINY:
         torch.manual_seed(seed)
         config = tf.Dinov2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
                                  image_size=63, patch_size=7)
-        return tf.Dinov2Model(config).eval().requires_grad_(False)
-    model = tf.AutoModel.from_pretrained(depth_model)
-    inner = getattr(model, "backbone", None)  # DepthAnythingForDepthEstimation -> its ViT returns hidden_states
-    return (inner if inner is not None else model).eval().requires_grad_(False)
+        return tf.Dinov2Model(config).eval().requires_grad_(False), None
+    model, normalization = load_depth_model(depth_model)
+    return model.eval().requires_grad_(False), normalization
+
+
+def depth_width(depth_model: nn.Module) -> int:
+    """Width of the depth features (the ViT's hidden size, also inside a depth-estimation model's backbone)."""
+    config = depth_model.config
+    for candidate in (config, getattr(config, "backbone_config", None)):
+        if isinstance(getattr(candidate, "hidden_size", None), int):
+            return candidate.hidden_size
+    raise ValueError(f"Cannot tell the feature width of {type(depth_model).__name__} from its config.")
 
 
 def segmentation_logits(model: nn.Module, batch: dict[str, Tensor], extra_inputs: Optional[dict] = None) -> Tensor:

@@ -103,8 +103,8 @@ def train_segmentation(
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(config.steps, config.poly_power))
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) >= config.batch_size,
-                        generator=generator)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                        drop_last=len(dataset) >= config.batch_size, generator=generator)
     history = TrainHistory()
     bar = range(config.steps)
     if progress:

@@ -1,5 +1,6 @@
 """The HF ``Trainer`` path: the adapter's auxiliary loss added to the task loss, routing health in the logs, and
-the paper's recipe as ``TrainingArguments`` defaults. Needs ``accelerate`` (``pip install 'spectralmoe-peft[trainer]'``).
+the paper's recipe as ``TrainingArguments`` defaults. Needs ``accelerate``
+(``pip install 'spectralmoe-peft[trainer]'``).
 """
 
 from __future__ import annotations
