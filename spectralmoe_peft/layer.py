@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from .config import SpectralMoEConfig
 from .context import ForwardContext, RoutingStats
-from .experts import expert_mixture, expert_tokens, expert_values
+from .experts import (
+    expert_mixture,
+    expert_mixture_low_rank,
+    expert_tokens,
+    expert_value_factors,
+    expert_values,
+    use_low_rank,
+)
 from .fusion import fuse
 from .routing import route
 
@@ -122,7 +129,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         return self.spectralmoe_gate_visual[adapter_name], self.spectralmoe_gate_visual_noise[adapter_name]
 
     def _stream_delta(
-        self, tokens_in: Tensor, stream: str, adapter_name: str, tokens: Tensor, values: Tensor, valid
+        self, tokens_in: Tensor, stream: str, adapter_name: str, mix: Callable[[Tensor, Tensor], Tensor], valid
     ) -> Tensor:
         config = self.spectralmoe_configs[adapter_name]
         gate, noise = self._gates(adapter_name, stream)
@@ -149,7 +156,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             gate_entropy=entropy,
             grid=context.grid_for(tokens_in.shape[1]),
         )
-        return expert_mixture(tokens_in, tokens, values, routed.combine_weights)
+        return mix(tokens_in, routed.combine_weights)
 
     def refine_patch_tokens(self, feats: Tensor, depth: Optional[Tensor], adapter_name: str) -> Tensor:
         """F <- F + s * W_delta(Phi + F). feats: (B, N, D) patch tokens; depth: (B, N, D) depth tokens or None.
@@ -158,17 +165,29 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         """
         config = self.spectralmoe_configs[adapter_name]
         shared = self._shared
-        dtype = self.spectralmoe_B[adapter_name].dtype
-        x = feats.to(dtype)
-        tokens = expert_tokens(self.spectralmoe_A[adapter_name], self.spectralmoe_B[adapter_name])  # E, M, D
-        values = expert_values(tokens, shared.token_to_feature[adapter_name])  # E, M, D: shared by both streams
+        a, b = self.spectralmoe_A[adapter_name], self.spectralmoe_B[adapter_name]  # E, M, r / E, r, D
+        token_to_feature = shared.token_to_feature[adapter_name]
+        dtype = b.dtype
+        x = feats.to(dtype).contiguous()  # one copy of the patch slice, shared by gate and experts
+        if use_low_rank(a.shape[1], a.shape[2], b.shape[2]):
+            factors = expert_value_factors(b, token_to_feature)  # E, r, D: shared by both streams
+
+            def mix(inputs: Tensor, combine_weights: Tensor) -> Tensor:
+                return expert_mixture_low_rank(inputs, a, b, factors, token_to_feature.bias, combine_weights)
+        else:
+            tokens = expert_tokens(a, b)  # E, M, D
+            values = expert_values(tokens, token_to_feature)  # E, M, D: shared by both streams
+
+            def mix(inputs: Tensor, combine_weights: Tensor) -> Tensor:
+                return expert_mixture(inputs, tokens, values, combine_weights)
+
         valid = shared.context.token_mask
         if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
             valid = None
-        delta_visual = self._stream_delta(x, "visual", adapter_name, tokens, values, valid)
+        delta_visual = self._stream_delta(x, "visual", adapter_name, mix, valid)
         delta_depth = None
         if config.use_depth and depth is not None:
-            delta_depth = self._stream_delta(depth.to(dtype), "depth", adapter_name, tokens, values, valid)
+            delta_depth = self._stream_delta(depth.to(dtype).contiguous(), "depth", adapter_name, mix, valid)
         phi = fuse(delta_visual, delta_depth, config.fusion)  # B, N, D
         update = shared.scale[adapter_name] * shared.delta[adapter_name](phi + x)
         return feats + update.to(feats.dtype)

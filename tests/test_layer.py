@@ -80,6 +80,19 @@ def test_fast_layer_matches_reference(gating, top_k, with_depth):
     compare(model, layer, with_depth=with_depth, top_k=top_k, gating=gating)
 
 
+@pytest.mark.parametrize("low_rank", [True, False])
+@pytest.mark.parametrize("with_depth", [True, False])
+def test_both_expert_paths_match_reference(low_rank, with_depth, monkeypatch):
+    """The layer takes the factored or the dense expert path by arithmetic cost; force each in turn."""
+    import spectralmoe_peft.layer as layer_module
+
+    chosen = []
+    monkeypatch.setattr(layer_module, "use_low_rank", lambda *args: chosen.append(low_rank) or low_rank)
+    model, layer = build(top_k=2, use_depth=with_depth)
+    compare(model, layer, with_depth=with_depth, top_k=2, gating="laplace")
+    assert chosen and all(c == low_rank for c in chosen)
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_noisy_gating_matches_reference(top_k):
     model, layer = build(top_k=top_k, gating="laplace")
