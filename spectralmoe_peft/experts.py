@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from .routing import at_least_fp32
@@ -72,3 +72,29 @@ def expert_mixture_low_rank(
         mass = (combine_weights * (1.0 - attention[..., 0])).sum(-1, keepdim=True)  # B, N, 1: weight off the sink
         delta = delta + mass.to(delta.dtype) * bias.to(delta.dtype)
     return delta
+
+
+def expert_coefficients(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, combine_weights: Tensor) -> Tensor:
+    """Delta(x) in the coordinates of :func:`expert_basis`: Delta(x) = coefficients @ basis. -> (B, N, E*r [+1]).
+
+    Every expert adjustment lies in the span of the rows of C_e (and the bias): keeping the (E*r + 1)-dim
+    coordinates lets the fusion attend in that small space instead of in D dimensions (exact, see fusion.py).
+    """
+    projected = einsum(x, b, "b n d, e r d -> b n e r")
+    scores = einsum(projected, a, "b n e r, e m r -> b n e m") / math.sqrt(x.shape[-1])
+    attention = at_least_fp32(scores).softmax(dim=-1)  # B, N, E, M
+    dtype = b.dtype
+    weights = (attention * combine_weights.unsqueeze(-1)).to(dtype)
+    a_values = torch.cat([torch.zeros_like(a[:, :1]), a[:, 1:]], dim=1).to(dtype)  # the sink contributes nothing
+    mixed = einsum(weights, a_values, "b n e m, e m r -> b n e r")
+    coefficients = rearrange(mixed, "b n e r -> b n (e r)")
+    if bias is None:
+        return coefficients
+    mass = (combine_weights * (1.0 - attention[..., 0])).sum(-1, keepdim=True)  # B, N, 1: weight off the sink
+    return torch.cat([coefficients, mass.to(dtype)], dim=-1)
+
+
+def expert_basis(value_factors: Tensor, bias: Tensor | None) -> Tensor:
+    """The rows C_e[j] of every expert (and the W_t2f bias): (E*r [+1], D)."""
+    basis = rearrange(value_factors, "e r d -> (e r) d")
+    return basis if bias is None else torch.cat([basis, bias.to(basis.dtype).unsqueeze(0)], dim=0)

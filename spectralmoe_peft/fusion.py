@@ -7,6 +7,7 @@ Phi = Dv + softmax(Dv Dd^T / sqrt(D)) Dd, through ``scaled_dot_product_attention
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch.nn.functional as F
@@ -24,4 +25,26 @@ def fuse(delta_visual: Tensor, delta_depth: Optional[Tensor], mode: str) -> Tens
         key_value = delta_depth.unsqueeze(1).to(query.dtype)
         attended = F.scaled_dot_product_attention(query, key_value, key_value)  # default scale 1/sqrt(D)
         return delta_visual + attended.squeeze(1)
+    raise ValueError(f"Unknown fusion {mode!r}; expected 'cross_attention' or 'add'.")
+
+
+def fuse_coefficients(
+    coefficients_visual: Tensor, coefficients_depth: Optional[Tensor], basis: Tensor, mode: str
+) -> Tensor:
+    """The same Phi as :func:`fuse`, for adjustments given as coefficients over a shared basis (Delta = U @ basis).
+
+    With Dv = Uv K and Dd = Ud K: softmax(Dv Dd^T / sqrt(D)) Dd = softmax((Uv K K^T) Ud^T / sqrt(D)) Ud K, i.e.
+    attention with head width E*r + 1 instead of D (about 4x less work at D=384, 10x at D=1024), then one projection.
+    coefficients_*: (B, N, K); basis: (K, D) -> Phi (B, N, D).
+    """
+    if coefficients_depth is None:
+        return coefficients_visual @ basis
+    if mode == "add":
+        return (coefficients_visual + coefficients_depth) @ basis
+    if mode == "cross_attention":
+        gram = basis @ basis.t()  # K, K
+        query = (coefficients_visual @ gram).unsqueeze(1)  # B, 1 head, N, K
+        key_value = coefficients_depth.unsqueeze(1).to(query.dtype)
+        attended = F.scaled_dot_product_attention(query, key_value, key_value, scale=1.0 / math.sqrt(basis.shape[1]))
+        return (coefficients_visual + attended.squeeze(1)) @ basis
     raise ValueError(f"Unknown fusion {mode!r}; expected 'cross_attention' or 'add'.")

@@ -18,14 +18,15 @@ from torch import Tensor, nn
 from .config import SpectralMoEConfig
 from .context import ForwardContext, RoutingStats
 from .experts import (
+    expert_basis,
+    expert_coefficients,
     expert_mixture,
-    expert_mixture_low_rank,
     expert_tokens,
     expert_value_factors,
     expert_values,
     use_low_rank,
 )
-from .fusion import fuse
+from .fusion import fuse, fuse_coefficients
 from .routing import route
 
 
@@ -170,16 +171,23 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         dtype = b.dtype
         x = feats.to(dtype).contiguous()  # one copy of the patch slice, shared by gate and experts
         if use_low_rank(a.shape[1], a.shape[2], b.shape[2]):
-            factors = expert_value_factors(b, token_to_feature)  # E, r, D: shared by both streams
+            # adjustments kept as coefficients over the experts' value rows: both streams share the basis
+            basis = expert_basis(expert_value_factors(b, token_to_feature), token_to_feature.bias)  # E*r+1, D
 
             def mix(inputs: Tensor, combine_weights: Tensor) -> Tensor:
-                return expert_mixture_low_rank(inputs, a, b, factors, token_to_feature.bias, combine_weights)
+                return expert_coefficients(inputs, a, b, token_to_feature.bias, combine_weights)
+
+            def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
+                return fuse_coefficients(visual, depth_delta, basis, config.fusion)
         else:
             tokens = expert_tokens(a, b)  # E, M, D
             values = expert_values(tokens, token_to_feature)  # E, M, D: shared by both streams
 
             def mix(inputs: Tensor, combine_weights: Tensor) -> Tensor:
                 return expert_mixture(inputs, tokens, values, combine_weights)
+
+            def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
+                return fuse(visual, depth_delta, config.fusion)
 
         valid = shared.context.token_mask
         if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
@@ -188,7 +196,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         delta_depth = None
         if config.use_depth and depth is not None:
             delta_depth = self._stream_delta(depth.to(dtype).contiguous(), "depth", adapter_name, mix, valid)
-        phi = fuse(delta_visual, delta_depth, config.fusion)  # B, N, D
+        phi = combine(delta_visual, delta_depth)  # B, N, D
         update = shared.scale[adapter_name] * shared.delta[adapter_name](phi + x)
         return feats + update.to(feats.dtype)
 

@@ -50,3 +50,28 @@ def test_low_rank_equals_dense_in_outputs_and_gradients(bias, top_k):
 def test_path_choice_follows_the_arithmetic():
     assert use_low_rank(num_tokens=100, rank=16, hidden_size=1024)  # the paper's setting: ~5x fewer FLOPs
     assert not use_low_rank(num_tokens=4, rank=64, hidden_size=32)  # rank above M: dense is cheaper
+
+
+@pytest.mark.parametrize("mode", ["cross_attention", "add", None])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fusion_in_coefficient_space_equals_fusion_in_feature_space(mode, bias):
+    from spectralmoe_peft.experts import expert_basis, expert_coefficients
+    from spectralmoe_peft.fusion import fuse, fuse_coefficients
+
+    x, a, b, linear, _, combine = inputs(top_k=2, tokens=11)
+    depth = torch.randn_like(x)
+    if not bias:
+        linear.bias = None
+    basis = expert_basis(expert_value_factors(b, linear), linear.bias)
+    u_visual = expert_coefficients(x, a, b, linear.bias, combine)
+    u_depth = expert_coefficients(depth, a, b, linear.bias, combine.flip(1)) if mode else None
+    factors = expert_value_factors(b, linear)
+    delta_visual = expert_mixture_low_rank(x, a, b, factors, linear.bias, combine)
+    torch.testing.assert_close(u_visual @ basis, delta_visual, rtol=1e-10, atol=1e-12)
+    delta_depth = expert_mixture_low_rank(depth, a, b, factors, linear.bias, combine.flip(1)) if mode else None
+    expected = fuse(delta_visual, delta_depth, mode or "cross_attention")
+    actual = fuse_coefficients(u_visual, u_depth, basis, mode or "cross_attention")
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(expected.sum(), [x, a, b], retain_graph=True)
+    for g_expected, g_actual in zip(grads, torch.autograd.grad(actual.sum(), [x, a, b])):
+        torch.testing.assert_close(g_actual, g_expected, rtol=1e-10, atol=1e-12)
