@@ -86,10 +86,12 @@ def sweep_configs() -> list[BenchConfig]:
 def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
     """Forward FLOPs of the adapter for one step's batch, as each implementation computes it.
 
-    Per block: expert tables (A B and W_t2f, once, shared by both streams); per stream: gate logits (x.w_e, and the
-    noise projection in training), expert scores and value mixing -- for all E experts in the package (dense, the
-    unchosen ones zeroed by the gate weights), for the k chosen ones in the naive loop; then the fusion (Q K^T and
-    A V over N x N) and W_delta. Elementwise work (softmax, norms) is left out.
+    Package (factored path, taken when r(D + M) < M D): per block the basis C_e = B_e W_t2f^T (once, shared by both
+    streams); per stream the gate logits (x.w_e, and the noise projection in training), x B_e^T and its scores
+    against A_e for all E experts (unchosen ones zeroed by the gate weights), the mixing w A_e; then the fusion in
+    coefficient space (head width K = E r + 1: K K^T, U K K^T, Q K^T and A V over N x N) and one projection U K;
+    then W_delta. Naive: expert tables A B and W_t2f, scores and mixing in D dimensions for the k chosen experts,
+    fusion over N x N in D dimensions. Elementwise work (softmax, norms) is left out.
     """
     b, n, d, e, k, m, r = (config.batch, config.num_patches, config.width, config.experts, config.top_k,
                            config.num_tokens, config.expert_rank)
@@ -98,13 +100,19 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
         return config.blocks * 2 * (2 * tokens * d * config.lora_rank * 2)  # q and v: x A then (x A) B
     t = b * n
     streams = 1 if method == "smoe_visual" else 2
-    routed = k if method.startswith("naive") else e
-    tables = 2 * e * m * r * d + 2 * e * m * d * d
     gates = 2 * t * e * d * (2 if noisy else 1)
-    experts = 2 * t * routed * m * d + 2 * t * routed * (m - 1) * d
-    fusion = 4 * b * n * n * d if streams == 2 else 0
     update = 2 * t * d * d
-    return config.blocks * (tables + streams * (gates + experts) + fusion + update)
+    if method.startswith("naive"):
+        tables = 2 * e * m * r * d + 2 * e * m * d * d
+        experts = 2 * t * k * m * d + 2 * t * k * (m - 1) * d
+        fusion = 4 * b * n * n * d if streams == 2 else 0
+        return config.blocks * (tables + streams * (gates + experts) + fusion + update)
+    width = e * r + 1
+    tables = 2 * e * r * d * d + (2 * width * width * d if streams == 2 else 0)
+    experts = 2 * t * e * r * d + 2 * t * e * m * r + 2 * t * e * m * r
+    fusion = (2 * t * width * width + 4 * b * n * n * width) if streams == 2 else 0
+    projection = 2 * t * width * d
+    return config.blocks * (tables + streams * (gates + experts) + fusion + projection + update)
 
 
 def backbone_flops(config: BenchConfig) -> int:
