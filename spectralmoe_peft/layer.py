@@ -30,6 +30,17 @@ from .fusion import fuse, fuse_coefficients
 from .routing import route
 
 
+def check_adapter_name(adapter_name: str) -> None:
+    """Adapter names key torch ModuleDicts/ParameterDicts: refuse those they cannot hold, with a clear message."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or hasattr(
+        nn.ParameterDict, adapter_name
+    ):
+        raise ValueError(
+            f"Adapter name {adapter_name!r} cannot be used: it must be a non-empty string without '.' that is not "
+            "a method of torch's ParameterDict (such as 'copy', 'keys', 'update'). Pick another name."
+        )
+
+
 @dataclass
 class SharedModules:
     """References to the tuner's cross-block modules (plain object: not registered as submodules of each layer)."""
@@ -87,6 +98,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: SpectralMoEConfig) -> None:
         """Create (and initialize) the parameters of ``adapter_name`` in this block."""
+        check_adapter_name(adapter_name)
         num_experts, rank, num_tokens, dim = config.num_experts, config.expert_rank, config.num_tokens, self.hidden_size
         self.spectralmoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts, num_tokens, rank))
         self.spectralmoe_B[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, dim))

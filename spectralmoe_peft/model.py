@@ -26,7 +26,7 @@ from .depth import (
     resize_to_patch_multiple,
     select_rgb,
 )
-from .layer import SharedModules, SpectralMoELayer
+from .layer import SharedModules, SpectralMoELayer, check_adapter_name
 from .registration import PREFIX
 
 def _depth_hidden_size(depth_model: nn.Module) -> Optional[int]:
@@ -123,6 +123,7 @@ class SpectralMoEModel(BaseTuner):
         ]
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         self._setup_shared_state(model)
         stack = find_block_stack(model, config.num_prefix_tokens)
@@ -134,6 +135,10 @@ class SpectralMoEModel(BaseTuner):
             self._remove_shared_modules(adapter_name)  # leave no half-made adapter behind
             raise
         self._set_shared_requires_grad()
+        if config.inference_mode:  # loaded with is_trainable=False: frozen like its per-block tensors
+            for container in self._shared_containers():
+                if adapter_name in container:
+                    container[adapter_name].requires_grad_(False)
 
     def _prepare_adapter_config(self, peft_config: SpectralMoEConfig, model_config: dict) -> SpectralMoEConfig:
         return peft_config  # target_modules=None means "the ViT blocks", resolved by structure below
