@@ -48,6 +48,7 @@ class ForwardContext:
         self.aux_losses: dict[tuple[str, int, str], Tensor] = {}
         self.routing: dict[str, dict[int, dict[str, RoutingStats]]] = {}
         self.num_forwards = 0
+        self.completed = False  # False while a forward runs, and after one that raised
 
     def start_forward(
         self,
@@ -64,6 +65,7 @@ class ForwardContext:
         self.aux_losses = {}
         self.routing = {}
         self.num_forwards += 1
+        self.completed = False
 
     def grid_for(self, num_patches: int) -> Optional[tuple[int, int]]:
         grid = self.visual_grid

@@ -148,7 +148,7 @@ def encode_elevation(elevation: Tensor, encoder: torch.nn.Conv2d, grid_hw: tuple
     """Standardize each raster (heights in any unit), resize to the visual grid x patch, patch-embed -> (B, N, D)."""
     elevation = elevation.to(encoder.weight.dtype)
     flat = elevation.flatten(1)
-    mean, std = flat.mean(1).view(-1, 1, 1, 1), flat.std(1).view(-1, 1, 1, 1)
+    mean, std = flat.mean(1).view(-1, 1, 1, 1), flat.std(1, correction=0).view(-1, 1, 1, 1)
     standardized = (elevation - mean) / (std + 1e-6)
     size = (grid_hw[0] * encoder.stride[0], grid_hw[1] * encoder.stride[1])
     if tuple(standardized.shape[-2:]) != size:
@@ -174,6 +174,13 @@ def patch_validity(
             )
         invalid |= nodata_mask.to(torch.bool)
     if nodata_value is not None:
-        invalid |= (pixel_values == _per_band(nodata_value, pixel_values)).any(1)
+        marker = _per_band(nodata_value, pixel_values)
+        if marker.ndim and marker.shape[1] != pixel_values.shape[1]:
+            raise ValueError(
+                f"nodata_value has {marker.shape[1]} per-band values but the input has {pixel_values.shape[1]} bands: "
+                "give one value, or one per band."
+            )
+        # NaN is a common nodata marker and never equals itself: match it explicitly
+        invalid |= ((pixel_values == marker) | (pixel_values.isnan() & marker.isnan())).any(1)
     valid_fraction = F.avg_pool2d((~invalid).unsqueeze(1).float(), patch_size, stride=patch_size)  # B, 1, H, W
     return rearrange(valid_fraction >= 0.5, "b 1 h w -> b (h w)")

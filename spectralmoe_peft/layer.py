@@ -162,7 +162,12 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             + config.router_z_loss_weight * routed.z_loss
         )
         probs = routed.probs.detach()
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        token_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # B, N
+        if valid is None:
+            entropy = token_entropy.mean()
+        else:  # nodata patches stay out of the statistics, as in the expert load
+            weight = valid.to(token_entropy.dtype)
+            entropy = (token_entropy * weight).sum() / weight.sum().clamp_min(1.0)
         context.routing.setdefault(adapter_name, {}).setdefault(self.block_index, {})[stream] = RoutingStats(
             expert_load=routed.expert_load,
             topk_indices=routed.topk_indices.detach(),

@@ -84,6 +84,8 @@ class SpectralMoEModel(BaseTuner):
         object.__setattr__(self, "_block_stack", None)
         handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         object.__setattr__(self, "_hook_handle", handle)
+        done = model.register_forward_hook(self._after_forward)
+        object.__setattr__(self, "_done_hook_handle", done)
         self._register_load_state_dict_pre_hook(self._check_adapter_state_dict)
 
     def _add_shared_modules(self, adapter_name: str, config: SpectralMoEConfig, stack: BlockStack) -> None:
@@ -257,9 +259,10 @@ class SpectralMoEModel(BaseTuner):
             if isinstance(module, SpectralMoELayer):
                 module.remove_refine_hook()
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
-        handle = getattr(self, "_hook_handle", None)
-        if handle is not None:
-            handle.remove()
+        for attribute in ("_hook_handle", "_done_hook_handle"):
+            handle = getattr(self, attribute, None)
+            if handle is not None:
+                handle.remove()
         return model
 
     def _check_adapter_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -395,6 +398,9 @@ class SpectralMoEModel(BaseTuner):
         self._context.start_forward(depth, visual_grid, elevation=elevation_input, token_mask=token_mask)
         return args, kwargs
 
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._context.completed = True  # only reached when the forward did not raise
+
     def _uses_depth(self, adapter_name: str, source: Optional[str] = None) -> bool:
         config = self.peft_config.get(adapter_name)
         return config is not None and config.use_depth and (source is None or config.depth_source == source)
@@ -475,11 +481,19 @@ class SpectralMoEModel(BaseTuner):
 
     # --- what users read after a forward -----------------------------------------------------------------------------
 
+    def _check_last_forward_completed(self, caller: str) -> None:
+        if not self._context.completed:
+            raise RuntimeError(
+                f"{caller} reads the last forward's routing, but that forward raised before it finished (its "
+                "statistics are incomplete): run a successful forward first."
+            )
+
     def get_aux_loss(self) -> Tensor:
         """Weighted sum over blocks and streams of the auxiliary (balance) losses of the last forward."""
         context: ForwardContext = self._context
         if context.num_forwards == 0:
             raise RuntimeError("get_aux_loss() reads the last forward's routing: run a forward pass first.")
+        self._check_last_forward_completed("get_aux_loss()")
         losses = list(context.aux_losses.values())
         if not losses:
             reference = next(self.parameters())
@@ -491,5 +505,8 @@ class SpectralMoEModel(BaseTuner):
         context: ForwardContext = self._context
         if context.num_forwards == 0:
             raise RuntimeError("get_routing_stats() reads the last forward's routing: run a forward pass first.")
+        self._check_last_forward_completed("get_routing_stats()")
         name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise ValueError(f"No adapter named {name!r}; adapters: {sorted(self.peft_config)}.")
         return context.routing.get(name, {})

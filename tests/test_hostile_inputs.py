@@ -1,0 +1,482 @@
+"""Hostile inputs and states: each gets a clear error that names the problem, or a documented, tested behaviour.
+
+After every failing forward the model must stay usable: the next valid forward gives exactly the output it gave
+before the failure, and get_aux_loss() still answers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
+from tiny_models import HIDDEN, main_output, make_depth_model, make_model
+
+from spectralmoe_peft import SpectralMoEConfig, SpectralMoELayer
+from spectralmoe_peft.depth import patch_validity
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine far steadier, than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(**overrides) -> SpectralMoEConfig:
+    settings = {"num_experts": 3, "top_k": 2, "expert_rank": 4, "num_tokens": 5, "use_depth": False,
+                "init_weights": False, "scale_init": 0.5}
+    return SpectralMoEConfig(**{**settings, **overrides})
+
+
+def images(batch: int = 2, channels: int = 3, size=(32, 32), seed: int = 7) -> torch.Tensor:
+    return torch.randn(batch, channels, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def grid_depth(num: int = 3, batch: int = 2, width: int = HIDDEN, seed: int = 11) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, width, 4, 4, generator=generator) for _ in range(num))
+
+
+def run(model, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return main_output(model(**kwargs))
+
+
+def assert_still_usable(model, reference: torch.Tensor, **clean_kwargs) -> None:
+    """The clean forward gives exactly the pre-failure output, and the aux loss / routing stats answer."""
+    assert torch.equal(run(model, **clean_kwargs), reference)
+    aux = model.get_aux_loss()
+    assert aux.ndim == 0 and torch.isfinite(aux)
+    assert model.get_routing_stats()
+
+
+@pytest.fixture
+def visual_model():
+    return get_peft_model(make_model("dinov2"), config()).eval()
+
+
+@pytest.fixture
+def depth_model():
+    return get_peft_model(make_model("dinov2"), config(use_depth=True)).eval()
+
+
+# --- NaN / Inf ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_pixels_propagate_without_raising_and_stay_in_their_sample(visual_model, bad):
+    """Documented: non-finite pixels are not checked; they reach the output as NaN/Inf (no exception inside the
+    adapter), only in the sample that carried them (routing and experts are per token, the ViT attends per image).
+    The aux loss of that forward is NaN (the balance loss pools the batch). The next clean forward is unaffected."""
+    x = images()
+    reference = run(visual_model, pixel_values=x)
+    poisoned = x.clone()
+    poisoned[0, 1, 5, 9] = bad
+    out = run(visual_model, pixel_values=poisoned)
+    assert not torch.isfinite(out[0]).all()
+    torch.testing.assert_close(out[1], reference[1], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(visual_model.get_aux_loss())
+    assert_still_usable(visual_model, reference, pixel_values=x)
+
+
+def test_non_finite_pixels_through_the_depth_model_stay_in_their_sample():
+    model = get_peft_model(make_model("dinov2"), config(use_depth=True, depth_hidden_size=48)).eval()
+    model.set_depth_model(make_depth_model())
+    x = images()
+    reference = run(model, pixel_values=x)
+    poisoned = x.clone()
+    poisoned[1, 0, 0, 0] = float("nan")
+    out = run(model, pixel_values=poisoned)
+    assert torch.isnan(out[1]).any() and torch.isfinite(out[0]).all()
+    torch.testing.assert_close(out[0], reference[0], rtol=1e-5, atol=1e-6)
+    assert_still_usable(model, reference, pixel_values=x)
+
+
+# --- channels, image size, empty batch ------------------------------------------------------------------------------
+
+
+def test_wrong_number_of_channels_is_hf_clear_error(visual_model):
+    x = images()
+    reference = run(visual_model, pixel_values=x)
+    with pytest.raises(ValueError, match="channel dimension.*Expected 3 but got 4"):
+        visual_model(pixel_values=images(channels=4))
+    assert_still_usable(visual_model, reference, pixel_values=x)
+
+
+def test_depth_needs_three_bands_and_in_range_rgb_indices():
+    two_band = get_peft_model(make_model("dinov2", num_channels=2), config(use_depth=True, depth_hidden_size=48))
+    two_band.set_depth_model(make_depth_model())
+    with pytest.raises(ValueError, match="needs 3 bands.*has 2"):
+        two_band(pixel_values=images(channels=2))
+
+    four_band = get_peft_model(
+        make_model("dinov2", num_channels=4), config(use_depth=True, depth_hidden_size=48, rgb_band_indices=[0, 1, 5])
+    ).eval()
+    four_band.set_depth_model(make_depth_model())
+    with pytest.raises(ValueError, match=r"rgb_band_indices=\[0, 1, 5\] is out of range for an input with 4 bands"):
+        four_band(pixel_values=images(channels=4))
+    # fixing the band choice on the same model works
+    for cfg in four_band.peft_config.values():
+        cfg.rgb_band_indices = [3, 2, 1]
+    out = run(four_band, pixel_values=images(channels=4))
+    assert out.shape == (2, 1 + 16, HIDDEN) and torch.isfinite(out).all()
+    assert torch.isfinite(four_band.get_aux_loss())
+
+
+@pytest.mark.parametrize("size, grid", [((36, 36), (4, 4)), ((36, 44), (4, 5)), ((39, 33), (4, 4))])
+def test_image_size_not_divisible_by_patch_size_dinov2_floors_the_grid(size, grid):
+    """Documented: Dinov2 patch-embeds with a stride-8 conv, dropping the remainder pixels (floor), and interpolates
+    its position embeddings. The adapter's grid is the same floor(H/p) x floor(W/p), so with an identity adapter the
+    output equals the base model's, and the routing grid is the floored one."""
+    x = images(size=size)
+    base_out = run(make_model("dinov2"), pixel_values=x)
+    identity = get_peft_model(make_model("dinov2"), config(init_weights=True)).eval()
+    assert torch.equal(run(identity, pixel_values=x), base_out)
+    assert base_out.shape == (2, 1 + grid[0] * grid[1], HIDDEN)
+
+    model = get_peft_model(make_model("dinov2"), config(use_depth=True, depth_hidden_size=48)).eval()
+    model.set_depth_model(make_depth_model())
+    out = run(model, pixel_values=x)
+    assert out.shape == base_out.shape and torch.isfinite(out).all()
+    stats = model.get_routing_stats()
+    assert stats[0]["visual"].grid == grid and stats[1]["depth"].grid == grid
+
+
+def test_image_size_not_matching_plain_vit_is_hf_clear_error():
+    """Documented: HF ViT (without interpolate_pos_encoding) refuses any size other than its configured one; the
+    adapter adds nothing and stays usable."""
+    model = get_peft_model(make_model("vit"), config()).eval()
+    x = images()
+    reference = run(model, pixel_values=x)
+    with pytest.raises(ValueError, match=r"Input image size \(36\*36\) doesn't match model \(32\*32\)"):
+        model(pixel_values=images(size=(36, 36)))
+    assert_still_usable(model, reference, pixel_values=x)
+
+
+def test_empty_batch_fails_inside_hf_attention_not_in_the_adapter(visual_model):
+    """Documented: the HF Dinov2/ViT attention itself cannot reshape a 0-sample batch (the base model raises the
+    same error); the adapter's own refinement handles B=0 (tested directly below)."""
+    x = images()
+    reference = run(visual_model, pixel_values=x)
+    with pytest.raises(RuntimeError, match="0 elements"):
+        make_model("dinov2")(pixel_values=images(batch=0))
+    with pytest.raises(RuntimeError, match="0 elements"):
+        visual_model(pixel_values=images(batch=0))
+    assert_still_usable(visual_model, reference, pixel_values=x)
+
+
+def test_refinement_itself_accepts_an_empty_batch(depth_model):
+    layer = next(m for m in depth_model.modules() if isinstance(m, SpectralMoELayer))
+    depth_model.base_model._context.start_forward(None, (4, 4))
+    out = layer.refine_patch_tokens(torch.randn(0, 16, HIDDEN), torch.randn(0, 16, HIDDEN), "default")
+    assert out.shape == (0, 16, HIDDEN)
+    losses = depth_model.base_model._context.aux_losses
+    assert set(losses) == {("default", 0, "visual"), ("default", 0, "depth")}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# --- depth_hidden_states --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hidden_states, message",
+    [
+        (grid_depth(1), "needs at least 2 entries; got 1"),
+        ((), "needs at least 2 entries; got 0"),
+        (torch.randn(3, 2, HIDDEN, 4, 4), "must be a tuple/list of per-layer tensors"),
+        (grid_depth(3, batch=3), "Depth features have batch size 3 but the images have 2"),
+        (grid_depth(3, width=16), "Depth features are 16 wide but the ViT is 32 wide"),
+        (tuple(torch.randn(2, 17, HIDDEN) for _ in range(3)), "need SpectralMoEConfig.depth_num_prefix_tokens"),
+        (tuple(torch.randn(2, HIDDEN) for _ in range(3)), r"must be \(B, tokens, C\) or \(B, C, h, w\); got \(2, 32\)"),
+        (tuple(torch.randn(2, HIDDEN, 4, 4, 1) for _ in range(3)), r"must be \(B, tokens, C\) or \(B, C, h, w\)"),
+    ],
+    ids=["one-entry", "empty", "stacked-tensor", "batch", "width", "tokens-without-prefix-count", "2d", "5d"],
+)
+def test_bad_depth_hidden_states_give_clear_errors(depth_model, hidden_states, message):
+    x, depth = images(), grid_depth(3)
+    reference = run(depth_model, pixel_values=x, depth_hidden_states=depth)
+    with pytest.raises(ValueError, match=message):
+        depth_model(pixel_values=x, depth_hidden_states=hidden_states)
+    assert_still_usable(depth_model, reference, pixel_values=x, depth_hidden_states=depth)
+
+
+def test_depth_tokens_that_fit_no_grid_give_a_clear_error():
+    model = get_peft_model(make_model("dinov2"), config(use_depth=True, depth_num_prefix_tokens=1)).eval()
+    with pytest.raises(ValueError, match="Cannot arrange 7 depth tokens on a grid"):
+        model(pixel_values=images(), depth_hidden_states=tuple(torch.randn(2, 1 + 7, HIDDEN) for _ in range(3)))
+    out = run(model, pixel_values=images(), depth_hidden_states=tuple(torch.randn(2, 1 + 9, HIDDEN) for _ in range(3)))
+    assert torch.isfinite(out).all()
+
+
+def test_missing_depth_source_gives_a_clear_error(depth_model):
+    with pytest.raises(ValueError, match="uses depth .*no depth source was given"):
+        depth_model(pixel_values=images())
+
+
+def test_failure_inside_the_blocks_makes_the_routing_getters_raise(depth_model):
+    """A forward that fails inside the blocks has already reset the per-forward state: reading its (partial)
+    aux loss could feed a silent 0 into training, so the getters raise until the next successful forward."""
+    x, depth = images(), grid_depth(3)
+    run(depth_model, pixel_values=x, depth_hidden_states=depth)
+    aux = depth_model.get_aux_loss()
+    assert aux > 0
+    with pytest.raises(ValueError, match="batch size 3"):
+        depth_model(pixel_values=x, depth_hidden_states=grid_depth(3, batch=3))
+    with pytest.raises(RuntimeError, match="raised before it finished"):
+        depth_model.get_aux_loss()
+    with pytest.raises(RuntimeError, match="raised before it finished"):
+        depth_model.get_routing_stats()
+    run(depth_model, pixel_values=x, depth_hidden_states=depth)
+    assert torch.equal(depth_model.get_aux_loss(), aux)
+
+
+def test_failure_before_the_blocks_keeps_the_previous_forwards_routing_state(depth_model):
+    x, depth = images(), grid_depth(3)
+    run(depth_model, pixel_values=x, depth_hidden_states=depth)
+    aux = depth_model.get_aux_loss()
+    with pytest.raises(ValueError, match="at least 2 entries"):
+        depth_model(pixel_values=x, depth_hidden_states=grid_depth(1))
+    assert torch.equal(depth_model.get_aux_loss(), aux)
+
+
+# --- nodata ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (3, 32, 32), (2, 32), (2, 3, 16, 16)])
+def test_nodata_mask_of_the_wrong_shape_is_a_clear_error(visual_model, shape):
+    x = images()
+    reference = run(visual_model, pixel_values=x)
+    with pytest.raises(ValueError, match=r"nodata_mask must be \(batch, height, width\) = \(2, 32, 32\)"):
+        visual_model(pixel_values=x, nodata_mask=torch.zeros(shape, dtype=torch.bool))
+    assert_still_usable(visual_model, reference, pixel_values=x)
+
+
+def test_nodata_mask_per_band_is_reduced_with_any(visual_model):
+    x = images()
+    reference = run(visual_model, pixel_values=x)
+    out = run(visual_model, pixel_values=x, nodata_mask=torch.zeros(2, 3, 32, 32, dtype=torch.bool))
+    assert torch.equal(out, reference)  # masking only changes statistics, never the features
+
+
+def test_nan_nodata_value_marks_nan_pixels_invalid():
+    config(nodata_value=float("nan"))  # accepted by the config
+    x = torch.rand(1, 3, 32, 32)
+    x[0, :, :16, :16] = float("nan")  # the top-left 2x2 patches are nodata
+    valid = patch_validity(x, None, float("nan"), (8, 8)).reshape(4, 4)
+    assert not valid[:2, :2].any()
+
+
+def test_per_band_nodata_value_of_the_wrong_length_is_a_clear_error():
+    model = get_peft_model(make_model("dinov2"), config(nodata_value=[0.0, 0.0])).eval()
+    with pytest.raises(ValueError, match="nodata_value"):
+        model(pixel_values=images())
+
+
+def test_masked_tokens_stay_out_of_the_gate_entropy():
+    """DESIGN/config: flagged patches 'stay out of routing statistics'. expert_load honours the mask; gate_entropy
+    (layer.py _stream_delta) does not."""
+    model = get_peft_model(make_model("dinov2"), config(num_experts=4, top_k=1, gating="softmax")).eval()
+    x = images(seed=3)
+    x[1] *= 5
+    mask = torch.zeros(2, 32, 32, dtype=torch.bool)
+    mask[1] = True  # the whole second image is nodata
+    run(model, pixel_values=x, nodata_mask=mask)
+    masked = model.get_routing_stats()[0]["visual"]
+    run(model, pixel_values=x[:1])
+    alone = model.get_routing_stats()[0]["visual"]
+    torch.testing.assert_close(masked.expert_load, alone.expert_load)  # holds
+    torch.testing.assert_close(masked.gate_entropy, alone.gate_entropy, rtol=1e-5, atol=1e-6)  # fails
+
+
+# --- elevation (depth_source="elevation") ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "elevation, message",
+    [
+        (None, "uses depth_source='elevation': pass the nDSM/DEM raster"),
+        (torch.randn(3, 1, 32, 32), "elevation has batch size 3, the images 2"),
+        (torch.randn(1, 32, 32), "elevation has batch size 1, the images 2"),
+        (torch.randn(2, 2, 32, 32), r"elevation must be \(batch, 1, height, width\); got \(2, 2, 32, 32\)"),
+    ],
+    ids=["missing", "batch", "batch-3d", "two-channels"],
+)
+def test_bad_elevation_gives_clear_errors(elevation, message):
+    model = get_peft_model(make_model("dinov2"), config(use_depth=True, depth_source="elevation")).eval()
+    x, good = images(), torch.randn(2, 1, 32, 32)
+    reference = run(model, pixel_values=x, elevation=good)
+    kwargs = {} if elevation is None else {"elevation": elevation}
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values=x, **kwargs)
+    assert_still_usable(model, reference, pixel_values=x, elevation=good)
+
+
+def test_flat_or_resized_elevation_gives_finite_outputs():
+    model = get_peft_model(make_model("dinov2"), config(use_depth=True, depth_source="elevation")).eval()
+    for elevation in (torch.full((2, 1, 32, 32), 312.0), torch.randn(2, 17, 13)):  # flat; another size, no channel
+        out = run(model, pixel_values=images(), elevation=elevation)
+        assert out.shape == (2, 17, HIDDEN) and torch.isfinite(out).all()
+
+
+def test_single_pixel_elevation_is_finite_or_a_clear_error():
+    model = get_peft_model(make_model("dinov2"), config(use_depth=True, depth_source="elevation")).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = run(model, pixel_values=images(), elevation=torch.ones(2, 1, 1, 1))
+    except ValueError as error:
+        assert "elevation" in str(error)
+    else:
+        assert torch.isfinite(out).all()
+
+
+# --- before any forward ---------------------------------------------------------------------------------------------
+
+
+def test_aux_loss_and_routing_stats_before_any_forward_raise(visual_model):
+    with pytest.raises(RuntimeError, match=r"get_aux_loss\(\).*run a forward pass first"):
+        visual_model.get_aux_loss()
+    with pytest.raises(RuntimeError, match=r"get_routing_stats\(\).*run a forward pass first"):
+        visual_model.get_routing_stats()
+
+
+def test_aux_loss_before_forward_still_raises_after_a_failed_pre_hook(visual_model):
+    with pytest.raises(ValueError, match="nodata_mask"):
+        visual_model(pixel_values=images(), nodata_mask=torch.zeros(1, 1, 1, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="run a forward pass first"):
+        visual_model.get_aux_loss()
+
+
+def test_routing_stats_of_an_unknown_adapter_is_a_clear_error(visual_model):
+    run(visual_model, pixel_values=images())
+    with pytest.raises((ValueError, KeyError), match="typo"):
+        visual_model.get_routing_stats("typo")
+
+
+def test_depth_inputs_given_to_a_visual_only_adapter_are_dropped_silently(visual_model):
+    """Documented (odd, against DESIGN's 'nothing is silently ignored'): the pre-hook pops depth_hidden_states /
+    elevation / depth_pixel_values whatever they hold when no active adapter uses depth (needed so that the same call
+    works under disable_adapter()), so even garbage there is ignored without a word."""
+    x = images()
+    reference = run(visual_model, pixel_values=x)
+    garbage = {"depth_hidden_states": (torch.randn(5),), "elevation": "not a raster", "depth_pixel_values": object()}
+    assert torch.equal(run(visual_model, pixel_values=x, **garbage), reference)
+
+
+# --- loading adapters that do not fit -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    model = get_peft_model(make_model("dinov2"), config()).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def test_adapter_from_a_narrower_vit_names_the_width_mismatch(saved_adapter):
+    _, path = saved_adapter
+    with pytest.raises(ValueError, match=r"shape mismatches \(was it trained on a ViT of another width.*\(3, 4, 32\) "
+                                         r"vs model \(3, 4, 48\)"):
+        PeftModel.from_pretrained(make_model("dinov2", hidden_size=48), path)
+    target = get_peft_model(make_model("dinov2", hidden_size=48), config())
+    with pytest.raises(ValueError, match=r"adapter \['other'\] does not fit this model.*shape mismatches"):
+        target.load_adapter(str(path), adapter_name="other")
+
+
+def test_adapter_from_a_shallower_vit_names_the_missing_blocks(saved_adapter):
+    _, path = saved_adapter
+    with pytest.raises(ValueError, match=r"4 adapter tensors missing from the checkpoint.*layer\.2\.spectralmoe_A"):
+        PeftModel.from_pretrained(make_model("dinov2", num_hidden_layers=3), path)
+
+
+def test_adapter_from_a_deeper_vit_names_the_extra_blocks(saved_adapter):
+    _, path = saved_adapter
+    with pytest.raises(ValueError, match=r"4 checkpoint tensors this model has no place for.*deeper ViT"):
+        PeftModel.from_pretrained(make_model("dinov2", num_hidden_layers=1), path)
+
+
+def test_config_edited_against_its_weights_names_the_mismatch(saved_adapter):
+    _, path = saved_adapter
+    config_file = path / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["num_experts"] = 4
+    config_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"shape mismatches.*num_experts"):
+        PeftModel.from_pretrained(make_model("dinov2"), path)
+    data["num_experts"] = 0
+    config_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"SpectralMoEConfig.num_experts: must be an integer >= 1 \(got 0\)"):
+        PeftConfig.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data[: len(data) // 2], "incomplete metadata, file not fully covered"),
+        (lambda data: data[:4], "header too small"),
+        (lambda data: b"", "header too small"),
+        (lambda data: data[:20] + b"\xff" * 40 + data[60:], "invalid UTF-8 in header"),
+    ],
+    ids=["half", "four-bytes", "empty", "garbled-header"],
+)
+def test_truncated_or_corrupted_weights_file_raises_safetensors_error(saved_adapter, damage, message):
+    """Documented: damage to the file's structure raises safetensors' SafetensorError (message about the header)."""
+    _, path = saved_adapter
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(SafetensorError, match=message):
+        PeftModel.from_pretrained(make_model("dinov2"), path)
+
+
+def test_corrupted_tensor_bytes_load_silently(saved_adapter):
+    """Documented limitation: safetensors has no checksum, so bytes flipped inside a tensor's payload load without
+    any error and change the outputs. (Nothing this package can detect without storing its own hash.)"""
+    model, path = saved_adapter
+    weights = path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-40:] = b"\x7f" * 40
+    weights.write_bytes(bytes(data))
+    loaded = PeftModel.from_pretrained(make_model("dinov2"), path).eval()
+    x = images()
+    assert not torch.equal(run(loaded, pixel_values=x), run(model, pixel_values=x))
+
+
+def test_missing_weights_file_raises(saved_adapter):
+    """Documented (odd, peft's): with no adapter_model.safetensors in a local folder, peft treats the path as a Hub
+    repo id; the error is about the repo id, not the missing file."""
+    _, path = saved_adapter
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(Exception, match="[Rr]epo id|adapter_model|not found|No such file"):
+        PeftModel.from_pretrained(make_model("dinov2"), path)
+
+
+def test_unknown_config_fields_from_a_newer_version_are_ignored_with_a_warning(saved_adapter, tmp_path):
+    """Documented: peft drops unknown adapter_config.json keys with a UserWarning that names them; the adapter
+    loads and gives exactly the saved model's outputs."""
+    model, path = saved_adapter
+    newer = tmp_path / "newer"
+    shutil.copytree(path, newer)
+    config_file = newer / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data.update(future_knob=123, routing_v2={"a": 1})
+    config_file.write_text(json.dumps(data))
+
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['future_knob', 'routing_v2'\]"):
+        loaded_config = PeftConfig.from_pretrained(newer)
+    assert isinstance(loaded_config, SpectralMoEConfig)
+    assert not hasattr(loaded_config, "future_knob")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(make_model("dinov2"), newer).eval()
+    assert any("future_knob" in str(w.message) for w in caught)
+    x = images()
+    assert torch.equal(run(loaded, pixel_values=x), run(model, pixel_values=x))
