@@ -38,7 +38,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _demo_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "demo":
+        import warnings
+
         from .dgss.demo import DemoConfig, run_demo
+
+        # peft calls a transformers API that transformers 5 deprecated: not the user's concern
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
         try:
             config = DemoConfig(
