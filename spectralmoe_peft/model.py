@@ -38,6 +38,15 @@ def _depth_hidden_size(depth_model: nn.Module) -> Optional[int]:
     return None
 
 
+def _depth_encoder(depth_model: nn.Module) -> nn.Module:
+    """The part of the depth model whose hidden_states the adapters read. A depth-estimation model (Depth Anything,
+    DPT with a backbone) computes them in its ViT backbone: run only that, not the neck and head it would discard."""
+    backbone = getattr(depth_model, "backbone", None)
+    if isinstance(backbone, nn.Module) and patch_size_of(getattr(backbone, "config", None)) is not None:
+        return backbone
+    return depth_model
+
+
 class SpectralMoEModel(BaseTuner):
     """Creates a SpectralMoE model from a HF ViT (or a HF model that wraps one).
 
@@ -445,11 +454,12 @@ class SpectralMoEModel(BaseTuner):
             )
         else:
             raise ValueError("SpectralMoE needs pixel_values (or depth_pixel_values) to run the depth model on.")
-        patch = patch_size_of(depth_model.config)
+        encoder = _depth_encoder(depth_model)
+        patch = patch_size_of(encoder.config) or patch_size_of(depth_model.config)
         rgb = resize_to_patch_multiple(rgb, patch)
         reference = next(depth_model.parameters(), rgb)
         with torch.no_grad():
-            outputs = depth_model(pixel_values=rgb.to(reference.device, reference.dtype), output_hidden_states=True)
+            outputs = encoder(pixel_values=rgb.to(reference.device, reference.dtype), output_hidden_states=True)
         hidden_states = getattr(outputs, "hidden_states", None)
         if hidden_states is None:
             raise ValueError(f"The depth model {type(depth_model).__name__} returned no hidden_states.")

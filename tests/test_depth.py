@@ -131,3 +131,37 @@ def test_get_aux_loss_before_any_forward_raises():
     model = get_peft_model(make_model(), config(use_depth=False))
     with pytest.raises(RuntimeError, match="forward"):
         model.get_aux_loss()
+
+
+def test_depth_estimation_models_run_only_their_encoder():
+    """Depth Anything's hidden_states come from its ViT backbone; the neck and head are not run (their output
+    would be discarded), and the adapter sees exactly the hidden states the full model returns."""
+    import transformers as tf
+    from peft import get_peft_model
+    from tiny_models import make_model
+
+    from spectralmoe_peft import SpectralMoEConfig
+
+    torch.manual_seed(0)
+    backbone = tf.Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                               patch_size=7, image_size=63, out_indices=[1, 2], reshape_hidden_states=False)
+    depth_model = tf.DepthAnythingForDepthEstimation(tf.DepthAnythingConfig(
+        backbone_config=backbone, patch_size=7, reassemble_hidden_size=24, fusion_hidden_size=16,
+        head_hidden_size=8, neck_hidden_sizes=[12, 24], reassemble_factors=[2, 1])).eval()
+    calls, seen = [], []
+    depth_model.head.register_forward_hook(lambda *args: calls.append("head"))
+    def record(module, args, kwargs):
+        seen.append(kwargs.get("pixel_values", args[0] if args else None))
+
+    depth_model.backbone.register_forward_pre_hook(record, with_kwargs=True)
+    model = get_peft_model(make_model("dinov2"), SpectralMoEConfig(num_experts=2, num_tokens=4, expert_rank=2,
+                                                                  depth_hidden_size=24, init_weights=False)).eval()
+    model.set_depth_model(depth_model)
+    with torch.no_grad():
+        out = model(pixel_values=torch.rand(2, 3, 32, 32)).last_hidden_state
+        used = model.base_model._context.depth.hidden_states
+        assert not calls and len(seen) == 1 and torch.isfinite(out).all()  # the head never ran
+        rgb = seen[0]
+        full = depth_model(pixel_values=rgb, output_hidden_states=True).hidden_states
+    assert calls == ["head"] and len(used) == len(full)
+    assert all(torch.equal(a, b) for a, b in zip(used, full))  # exactly what the full model would have given

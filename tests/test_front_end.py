@@ -115,8 +115,9 @@ def test_bands_by_wavelength():
     model = get_peft_model(dinov3(num_channels=13), config(band_wavelengths_nm=sentinel2))
     seen = {}
     depth = depth_anything()
-    depth.register_forward_pre_hook(lambda module, args, kwargs: seen.update(x=kwargs["pixel_values"]),
-                                    with_kwargs=True)
+    # the adapter runs the depth model's ViT backbone (whose hidden_states it reads), not its head
+    depth.backbone.register_forward_pre_hook(lambda module, args, kwargs: seen.update(x=kwargs["pixel_values"]),
+                                             with_kwargs=True)
     model.set_depth_model(depth)
     x = torch.rand(1, 13, 56, 56)
     model(pixel_values=x)
