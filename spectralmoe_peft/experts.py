@@ -4,6 +4,10 @@ Expert e owns M tokens T_e = A_e B_e (M x D). A token x attends over them, S = s
 adjustment is the attention-weighted sum of the value table W_t2f(T_e), skipping token 1 (the sink). For the small
 E*M of this method, scoring every token against every expert's tokens in one matmul and zeroing unchosen experts
 through the gate weights is exact, sync-free, and gives every parameter a gradient each step (DDP-safe).
+
+Two ways to compute it: the plain one (``expert_tokens`` / ``expert_values`` / ``expert_mixture``, literally the
+formula) and the factored one (``expert_coefficients`` over ``expert_basis``), which never forms T_e or the value
+table and is what the layer runs whenever ``use_low_rank`` says it is cheaper. Tests hold them equal.
 """
 
 from __future__ import annotations
@@ -49,29 +53,6 @@ def expert_value_factors(b: Tensor, token_to_feature: nn.Linear) -> Tensor:
 def use_low_rank(num_tokens: int, rank: int, hidden_size: int) -> bool:
     """The factored path costs ~r(D + M) per token and expert, the dense one ~M D: take the cheaper."""
     return rank * (hidden_size + num_tokens) < num_tokens * hidden_size
-
-
-def expert_mixture_low_rank(
-    x: Tensor, a: Tensor, b: Tensor, value_factors: Tensor, bias: Tensor | None, combine_weights: Tensor
-) -> Tensor:
-    """The same Delta(x) as :func:`expert_mixture`, through the low-rank factors, never forming T_e or W_t2f(T_e):
-
-    scores x T_e^T = (x B_e^T) A_e^T, and sum_{t>=2} w_t W_t2f(T_e[t]) = (w A_e[2:]) C_e + (sum_{t>=2} w_t) bias.
-
-    x: (B, N, D); a: (E, M, r); b: (E, r, D); value_factors: (E, r, D); combine_weights: (B, N, E).
-    """
-    projected = einsum(x, b, "b n d, e r d -> b n e r")
-    scores = einsum(projected, a, "b n e r, e m r -> b n e m") / math.sqrt(x.shape[-1])
-    attention = at_least_fp32(scores).softmax(dim=-1)  # B, N, E, M
-    weights = (attention * combine_weights.unsqueeze(-1)).to(value_factors.dtype)
-    # the sink (token 1) attends but contributes nothing: zero its row of A instead of slicing the big tensor
-    a_values = torch.cat([torch.zeros_like(a[:, :1]), a[:, 1:]], dim=1).to(value_factors.dtype)
-    mixed = einsum(weights, a_values, "b n e m, e m r -> b n e r")
-    delta = einsum(mixed, value_factors, "b n e r, e r d -> b n d")
-    if bias is not None:
-        mass = (combine_weights * (1.0 - attention[..., 0])).sum(-1, keepdim=True)  # B, N, 1: weight off the sink
-        delta = delta + mass.to(delta.dtype) * bias.to(delta.dtype)
-    return delta
 
 
 def expert_coefficients(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, combine_weights: Tensor) -> Tensor:

@@ -26,3 +26,12 @@ def family(request):
 
 
 __all__ = ["make_model", "make_depth_model", "FAMILIES"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine far steadier, than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,16 +18,7 @@ from tiny_models import FAMILIES, main_output, make_depth_model, make_model
 
 from spectralmoe_peft import SpectralMoEConfig, SpectralMoELayer
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine far steadier, than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 SETTINGS = {
     "deadline": None,
