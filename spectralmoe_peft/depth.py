@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def depth_layer_index(block_index: int, num_blocks: int, num_depth_layers: int) -> int:
@@ -184,3 +184,13 @@ def patch_validity(
         invalid |= ((pixel_values == marker) | (pixel_values.isnan() & marker.isnan())).any(1)
     valid_fraction = F.avg_pool2d((~invalid).unsqueeze(1).float(), patch_size, stride=patch_size)  # B, 1, H, W
     return rearrange(valid_fraction >= 0.5, "b 1 h w -> b (h w)")
+
+
+def depth_hidden_size(depth_model: nn.Module) -> Optional[int]:
+    """Width of a depth model's features: its hidden_size, or its backbone's (Depth Anything, DPT); None if unknown."""
+    config = getattr(depth_model, "config", None)
+    for candidate in (config, getattr(config, "backbone_config", None)):
+        size = getattr(candidate, "hidden_size", None) if candidate is not None else None
+        if isinstance(size, int):
+            return size
+    return None

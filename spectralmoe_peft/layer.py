@@ -97,8 +97,8 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         self._refine_hook = base_layer.register_forward_hook(self._refine_block_output, prepend=True)
 
     def update_layer(self, adapter_name: str, config: SpectralMoEConfig) -> None:
-        """Create (and initialize) the parameters of ``adapter_name`` in this block."""
-        check_adapter_name(adapter_name)
+        """Create (and initialize) the parameters of ``adapter_name`` in this block (its name was checked by the
+        tuner's ``inject_adapter``)."""
         num_experts, rank, num_tokens, dim = config.num_experts, config.expert_rank, config.num_tokens, self.hidden_size
         self.spectralmoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts, num_tokens, rank))
         self.spectralmoe_B[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, dim))

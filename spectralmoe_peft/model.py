@@ -19,6 +19,7 @@ from .architectures import BlockStack, find_block_stack, patch_size_of, prefix_t
 from .config import SpectralMoEConfig
 from .context import DepthInput, ForwardContext, RoutingStats
 from .depth import (
+    depth_hidden_size,
     check_elevation,
     load_depth_model,
     normalize_for_depth,
@@ -28,15 +29,6 @@ from .depth import (
 )
 from .layer import SharedModules, SpectralMoELayer, check_adapter_name
 from .registration import PREFIX
-
-def _depth_hidden_size(depth_model: nn.Module) -> Optional[int]:
-    config = getattr(depth_model, "config", None)
-    for candidate in (config, getattr(config, "backbone_config", None)):
-        size = getattr(candidate, "hidden_size", None) if candidate is not None else None
-        if isinstance(size, int):
-            return size
-    return None
-
 
 def _depth_encoder(depth_model: nn.Module) -> nn.Module:
     """The part of the depth model whose hidden_states the adapters read. A depth-estimation model (Depth Anything,
@@ -344,7 +336,7 @@ class SpectralMoEModel(BaseTuner):
                 f"The depth model {type(depth_model).__name__} has no config with a patch_size: expected a HF ViT-based "
                 "model that returns hidden_states (Depth Anything, DPT, Dinov2Model, ...)."
             )
-        width = _depth_hidden_size(depth_model)
+        width = depth_hidden_size(depth_model)
         stack: BlockStack = self._block_stack
         for name, config in self.peft_config.items():
             if not config.use_depth or config.depth_source != "model" or width is None or width == stack.hidden_size:
@@ -455,7 +447,7 @@ class SpectralMoEModel(BaseTuner):
         else:
             raise ValueError("SpectralMoE needs pixel_values (or depth_pixel_values) to run the depth model on.")
         encoder = _depth_encoder(depth_model)
-        patch = patch_size_of(encoder.config) or patch_size_of(depth_model.config)
+        patch = patch_size_of(encoder.config)  # _depth_encoder only returns models that have one
         rgb = resize_to_patch_multiple(rgb, patch)
         reference = next(depth_model.parameters(), rgb)
         with torch.no_grad():

@@ -22,10 +22,11 @@ from torch import nn
 
 from ..config import SpectralMoEConfig
 from .evaluate import confusion_matrix, segmentation_metrics, sliding_window_logits
-from .models import TINY, build_depth_model, build_upernet, depth_width, segmentation_logits
+from ..depth import depth_hidden_size
+from .models import TINY, build_depth_model, build_upernet, segmentation_logits
 from .scenes import CLASSES, IGNORE_INDEX, RGB_BAND_INDICES, Scene, load_landsat7_nc, load_sentinel2_brandenburg
 from .tiles import BandStats, RandomCrops, normalize
-from .train import TrainConfig, TrainHistory, is_spectralmoe, train_segmentation
+from .train import TrainConfig, TrainHistory, is_spectralmoe, train_segmentation, trainable_parameters
 
 METHODS = ("frozen", "lora", "spectralmoe_visual", "spectralmoe_depth")
 RANDOM_INIT_NOTE = (
@@ -114,7 +115,7 @@ def _evaluate(model: nn.Module, scene: Scene, stats: BandStats, config: DemoConf
 
 
 def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in trainable_parameters(model))
 
 
 def _routing_maps(model: nn.Module, batch: dict) -> dict[str, np.ndarray]:
@@ -159,7 +160,9 @@ def run_demo(config: DemoConfig) -> dict:
           f"{target.gsd_m} m\n")
 
     depth_model, normalization = build_depth_model(config.depth_model, seed=config.seed + 1)
-    features = depth_width(depth_model)
+    features = depth_hidden_size(depth_model)
+    if features is None:
+        raise ValueError(f"Cannot tell the feature width of the depth model {type(depth_model).__name__}.")
     train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
                                seed=config.seed, log_every=max(1, config.steps // 30))
     results, histories = {}, {}

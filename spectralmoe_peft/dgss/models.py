@@ -81,15 +81,6 @@ def build_depth_model(depth_model: str = TINY, seed: int = 1) -> tuple[nn.Module
     return model.eval().requires_grad_(False), normalization
 
 
-def depth_width(depth_model: nn.Module) -> int:
-    """Width of the depth features (the ViT's hidden size, also inside a depth-estimation model's backbone)."""
-    config = depth_model.config
-    for candidate in (config, getattr(config, "backbone_config", None)):
-        if isinstance(getattr(candidate, "hidden_size", None), int):
-            return candidate.hidden_size
-    raise ValueError(f"Cannot tell the feature width of {type(depth_model).__name__} from its config.")
-
-
 def segmentation_logits(model: nn.Module, batch: dict[str, Tensor], extra_inputs: Optional[dict] = None) -> Tensor:
     """(B, num_classes, H, W) logits at input resolution. ``extra_inputs`` carries SpectralMoE-only inputs
     (``nodata_mask``); plain and LoRA models get pixel values only."""

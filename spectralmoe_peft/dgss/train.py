@@ -7,7 +7,6 @@ are logged so a collapsing router is seen while it happens, not after.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -147,8 +146,3 @@ def train_segmentation(
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
-
-
-def mean_gate_entropy(health: dict) -> float:
-    values = [entry["entropy"] for entry in health.values()]
-    return sum(values) / len(values) if values else math.nan
