@@ -56,6 +56,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     changed = sum(not torch.equal(p, s) for p, s in zip(params, start))
     torch.save({"params": [p.detach() for p in params], "changed": changed, "total": len(params)},
                Path(out) / f"rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (a teardown race aborts)
     dist.destroy_process_group()
 
 
