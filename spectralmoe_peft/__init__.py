@@ -7,7 +7,7 @@ Importing this package registers ``PeftType.SPECTRALMOE`` with peft, so ``get_pe
 from .registration import SPECTRALMOE, register  # extends PeftType first: the config needs the member
 
 from .config import SpectralMoEConfig  # noqa: E402
-from .context import RoutingStats  # noqa: E402
+from .forward_state import RoutingStats  # noqa: E402
 from .hub import set_model_card_info  # noqa: E402
 from .layer import SpectralMoELayer  # noqa: E402
 from .model import SpectralMoEModel  # noqa: E402

@@ -113,6 +113,18 @@ class SpectralMoEConfig(PeftConfig):
     )
     switch_loss_weight: float = field(default=0.0, metadata={"help": "Weight of a Switch-style balance loss."})
     router_z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the router z-loss."})
+    aux_loss_in_graph: bool = field(
+        default=True,
+        metadata={
+            "help": "Attach the weighted auxiliary losses to the autograd graph of each adapted block's output, so any "
+            "backward of the task loss (plain loop, HF Trainer, Lightning, ...) also trains the routers to balance. "
+            "False: add model.get_aux_loss() to the loss yourself."
+        },
+    )
+    keep_routing_stats: bool = field(
+        default=True,
+        metadata={"help": "Keep the last forward's routing statistics (small, detached) for get_routing_stats()."},
+    )
     # --- where to apply ------------------------------------------------------------------------------------------
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -179,6 +191,8 @@ class SpectralMoEConfig(PeftConfig):
         for name in ("balance_loss_weight", "switch_loss_weight", "router_z_loss_weight"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, "must be >= 0")
+        for name in ("aux_loss_in_graph", "keep_routing_stats"):
+            check(isinstance(getattr(self, name), bool), name, "must be True or False")
         check(self.depth_source in DEPTH_SOURCES, "depth_source", f"must be one of {DEPTH_SOURCES}")
         bands = self.rgb_band_indices
         check(

@@ -25,9 +25,15 @@ def depth_layer_index(block_index: int, num_blocks: int, num_depth_layers: int) 
     return int(math.floor((block_index + 1) * num_depth_layers / num_blocks + 0.5))
 
 
-def _per_band(value: Union[float, Sequence[float]], like: Tensor) -> Tensor:
-    tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+def _per_band(value: Union[float, Sequence[float]], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    tensor = torch.as_tensor(value, dtype=dtype or like.dtype, device=like.device)
     return tensor.reshape(1, -1, 1, 1) if tensor.ndim else tensor
+
+
+def as_float(values: Tensor) -> Tensor:
+    """Integer rasters (uint8 digital numbers, int16 reflectance x 1e4) -> float32; float inputs stay as they are.
+    Rescale factors like 1e-4 and a mean of 0.485 would truncate to 0 in an integer dtype."""
+    return values if values.is_floating_point() else values.to(torch.float32)
 
 
 def select_rgb(pixel_values: Tensor, rgb_band_indices: Sequence[int]) -> Tensor:
@@ -51,7 +57,9 @@ def normalize_for_depth(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> Tensor:
-    """(rgb * rescale + offset - mean) / std: map sensor values to [0, 1], then to the depth model's statistics."""
+    """(rgb * rescale + offset - mean) / std: map sensor values to [0, 1], then to the depth model's statistics.
+    Computed in float (at least float32 for integer input)."""
+    rgb = as_float(rgb)
     rgb = rgb * _per_band(rescale, rgb) + _per_band(offset, rgb)
     return (rgb - _per_band(mean, rgb)) / _per_band(std, rgb)
 
@@ -144,12 +152,30 @@ def check_elevation(elevation: Optional[Tensor], pixel_values: Optional[Tensor])
     return elevation
 
 
-def encode_elevation(elevation: Tensor, encoder: torch.nn.Conv2d, grid_hw: tuple[int, int]) -> Tensor:
-    """Standardize each raster (heights in any unit), resize to the visual grid x patch, patch-embed -> (B, N, D)."""
-    elevation = elevation.to(encoder.weight.dtype)
-    flat = elevation.flatten(1)
-    mean, std = flat.mean(1).view(-1, 1, 1, 1), flat.std(1, correction=0).view(-1, 1, 1, 1)
-    standardized = (elevation - mean) / (std + 1e-6)
+def elevation_voids(elevation: Tensor, nodata_value: Optional[Union[float, Sequence[float]]]) -> Tensor:
+    """(B, 1, H, W) bool: void pixels of an elevation raster: NaN/Inf, or equal to the (first) nodata value."""
+    voids = ~torch.isfinite(as_float(elevation))
+    if nodata_value is not None:
+        marker = nodata_value[0] if isinstance(nodata_value, (list, tuple)) else nodata_value
+        if marker == marker:  # not NaN (NaN voids are caught above)
+            voids |= elevation == marker
+    return voids
+
+
+def encode_elevation(
+    elevation: Tensor, encoder: torch.nn.Conv2d, grid_hw: tuple[int, int], voids: Optional[Tensor] = None
+) -> Tensor:
+    """Standardize each raster over its valid pixels (heights in any unit; voids set to the mean, i.e. 0), resize to
+    the visual grid x patch, patch-embed -> (B, N, D)."""
+    elevation = as_float(elevation).to(encoder.weight.dtype)
+    valid = torch.isfinite(elevation) if voids is None else ~voids
+    weight = valid.to(elevation.dtype).flatten(1)  # B, H*W
+    flat = torch.where(valid, elevation, torch.zeros_like(elevation)).flatten(1)
+    count = weight.sum(1).clamp_min(1.0)
+    mean = (flat * weight).sum(1) / count
+    var = ((flat - mean[:, None]).pow(2) * weight).sum(1) / count
+    mean, std = mean.view(-1, 1, 1, 1), var.sqrt().view(-1, 1, 1, 1)
+    standardized = torch.where(valid, (elevation - mean) / (std + 1e-6), torch.zeros_like(elevation))
     size = (grid_hw[0] * encoder.stride[0], grid_hw[1] * encoder.stride[1])
     if tuple(standardized.shape[-2:]) != size:
         standardized = F.interpolate(standardized, size=size, mode="bilinear", align_corners=False)
@@ -174,16 +200,24 @@ def patch_validity(
             )
         invalid |= nodata_mask.to(torch.bool)
     if nodata_value is not None:
-        marker = _per_band(nodata_value, pixel_values)
+        # integer rasters: compare in float64 (a NaN marker has no integer value); float ones in their own dtype
+        marker = _per_band(nodata_value, pixel_values, None if pixel_values.is_floating_point() else torch.float64)
         if marker.ndim and marker.shape[1] != pixel_values.shape[1]:
             raise ValueError(
                 f"nodata_value has {marker.shape[1]} per-band values but the input has {pixel_values.shape[1]} bands: "
                 "give one value, or one per band."
             )
         # NaN is a common nodata marker and never equals itself: match it explicitly
-        invalid |= ((pixel_values == marker) | (pixel_values.isnan() & marker.isnan())).any(1)
+        invalid |= ((pixel_values == marker) | (as_float(pixel_values).isnan() & marker.isnan())).any(1)
     valid_fraction = F.avg_pool2d((~invalid).unsqueeze(1).float(), patch_size, stride=patch_size)  # B, 1, H, W
     return rearrange(valid_fraction >= 0.5, "b 1 h w -> b (h w)")
+
+
+def area_validity(valid: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+    """(B, 1, H, W) bool pixel validity at any resolution -> (B, N) bool: patches of the visual grid that are at least
+    half valid (the nodata rule, for rasters such as elevation that need not match the image's size)."""
+    fraction = F.interpolate(valid.float(), size=tuple(grid_hw), mode="area")  # B, 1, H, W
+    return rearrange(fraction >= 0.5, "b 1 h w -> b (h w)")
 
 
 def depth_hidden_size(depth_model: nn.Module) -> Optional[int]:

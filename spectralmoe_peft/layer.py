@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch.utils.checkpoint
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from .config import SpectralMoEConfig
-from .context import ForwardContext, RoutingStats
+from .forward_state import ForwardState, RoutingStats, running_state, tag_inputs, tagged_state
 from .experts import (
     expert_basis,
     expert_coefficients,
@@ -27,7 +28,7 @@ from .experts import (
     use_low_rank,
 )
 from .fusion import fuse, fuse_coefficients
-from .routing import route
+from .routing import RouterOutput, attach_aux_loss, route
 
 
 def check_adapter_name(adapter_name: str) -> None:
@@ -50,7 +51,39 @@ class SharedModules:
     scale: nn.ParameterDict  # adapter -> scalar s
     depth_projection: nn.ModuleDict  # adapter -> Linear(D_depth, D), only when widths differ
     elevation_encoder: nn.ModuleDict  # adapter -> Conv2d(1, D, patch): depth_source="elevation"
-    context: ForwardContext
+    owner: int  # id() of the tuner: which forwards' states are ours
+    # only while torch.compile traces a forward (dynamo cannot trace ContextVars; no Python runs per compiled call)
+    traced_state: Optional[ForwardState] = None
+
+
+class Refinement(NamedTuple):
+    """What refining one block's patch tokens for one adapter gives: the new tokens and each stream's routing."""
+
+    tokens: Tensor  # B, N, D
+    routing: dict  # "visual" | "depth" -> RouterOutput
+
+
+def weighted_aux_loss(config: SpectralMoEConfig, routed: RouterOutput) -> Tensor:
+    """The auxiliary loss of one stream in one block, with the config's weights."""
+    return (
+        config.balance_loss_weight * routed.balance_loss
+        + config.switch_loss_weight * routed.switch_loss
+        + config.router_z_loss_weight * routed.z_loss
+    )
+
+
+def routing_stats(routed: RouterOutput, valid: Optional[Tensor], grid: Optional[tuple[int, int]]) -> RoutingStats:
+    """Small, detached statistics of one stream's routing (nodata patches left out, as in the expert load)."""
+    probs = routed.probs.detach()
+    token_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # B, N
+    if valid is None:
+        entropy = token_entropy.mean()
+    else:
+        weight = valid.to(token_entropy.dtype)
+        entropy = (token_entropy * weight).sum() / weight.sum().clamp_min(1.0)
+    return RoutingStats(
+        expert_load=routed.expert_load, topk_indices=routed.topk_indices.detach(), gate_entropy=entropy, grid=grid
+    )
 
 
 class SpectralMoELayer(nn.Module, BaseTunerLayer):
@@ -94,7 +127,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
-        self._refine_hook = base_layer.register_forward_hook(self._refine_block_output, prepend=True)
+        self._refine_hook = base_layer.register_forward_hook(self._refine_block_output, prepend=True, with_kwargs=True)
 
     def update_layer(self, adapter_name: str, config: SpectralMoEConfig) -> None:
         """Create (and initialize) the parameters of ``adapter_name`` in this block (its name was checked by the
@@ -141,12 +174,10 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             return self.spectralmoe_gate_depth[adapter_name], self.spectralmoe_gate_depth_noise[adapter_name]
         return self.spectralmoe_gate_visual[adapter_name], self.spectralmoe_gate_visual_noise[adapter_name]
 
-    def _stream_delta(
-        self, tokens_in: Tensor, stream: str, adapter_name: str, mix: Callable[[Tensor, Tensor], Tensor], valid
-    ) -> Tensor:
+    def _route(self, tokens_in: Tensor, stream: str, adapter_name: str, valid: Optional[Tensor]) -> RouterOutput:
         config = self.spectralmoe_configs[adapter_name]
         gate, noise = self._gates(adapter_name, stream)
-        routed = route(
+        return route(
             tokens_in,
             gate,
             noise,
@@ -155,31 +186,15 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             noisy=config.noisy_gating and self.training,
             valid=valid,
         )
-        context = self._shared.context
-        context.aux_losses[(adapter_name, self.block_index, stream)] = (
-            config.balance_loss_weight * routed.balance_loss
-            + config.switch_loss_weight * routed.switch_loss
-            + config.router_z_loss_weight * routed.z_loss
-        )
-        probs = routed.probs.detach()
-        token_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # B, N
-        if valid is None:
-            entropy = token_entropy.mean()
-        else:  # nodata patches stay out of the statistics, as in the expert load
-            weight = valid.to(token_entropy.dtype)
-            entropy = (token_entropy * weight).sum() / weight.sum().clamp_min(1.0)
-        context.routing.setdefault(adapter_name, {}).setdefault(self.block_index, {})[stream] = RoutingStats(
-            expert_load=routed.expert_load,
-            topk_indices=routed.topk_indices.detach(),
-            gate_entropy=entropy,
-            grid=context.grid_for(tokens_in.shape[1]),
-        )
-        return mix(tokens_in, routed.combine_weights)
 
-    def refine_patch_tokens(self, feats: Tensor, depth: Optional[Tensor], adapter_name: str) -> Tensor:
-        """F <- F + s * W_delta(Phi + F). feats: (B, N, D) patch tokens; depth: (B, N, D) depth tokens or None.
+    def refine(
+        self, feats: Tensor, depth: Optional[Tensor], adapter_name: str, valid: Optional[Tensor] = None
+    ) -> Refinement:
+        """F <- F + s * W_delta(Phi + F). feats: (B, N, D) patch tokens; depth: (B, N, D) depth tokens or None;
+        valid: (B, N) bool, patches kept in the balance statistics (nodata masked out) or None.
 
-        Computed in the adapter's dtype (fp32 by default, even on a bf16 backbone); the update is cast back.
+        A pure function of its arguments and the adapter's weights. Computed in the adapter's dtype (fp32 by default,
+        even on a bf16 backbone); the update is cast back.
         """
         config = self.spectralmoe_configs[adapter_name]
         shared = self._shared
@@ -206,59 +221,124 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
                 return fuse(visual, depth_delta, config.fusion)
 
-        valid = shared.context.token_mask
         if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
             valid = None
-        delta_visual = self._stream_delta(x, "visual", adapter_name, mix, valid)
+        routing = {"visual": self._route(x, "visual", adapter_name, valid)}
+        delta_visual = mix(x, routing["visual"].combine_weights)
         delta_depth = None
         if config.use_depth and depth is not None:
-            delta_depth = self._stream_delta(depth.to(dtype).contiguous(), "depth", adapter_name, mix, valid)
+            depth_in = depth.to(dtype).contiguous()
+            routing["depth"] = self._route(depth_in, "depth", adapter_name, valid)
+            delta_depth = mix(depth_in, routing["depth"].combine_weights)
         phi = combine(delta_visual, delta_depth)  # B, N, D
         update = shared.scale[adapter_name] * shared.delta[adapter_name](phi + x)
-        return feats + update.to(feats.dtype)
+        return Refinement(tokens=feats + update.to(feats.dtype), routing=routing)
 
-    def _depth_for(self, adapter_name: str, feats: Tensor) -> Optional[Tensor]:
+    def refine_patch_tokens(
+        self, feats: Tensor, depth: Optional[Tensor], adapter_name: str, valid: Optional[Tensor] = None
+    ) -> Tensor:
+        """The refined patch tokens alone (B, N, D): ``refine(...).tokens``."""
+        return self.refine(feats, depth, adapter_name, valid).tokens
+
+    def _depth_for(self, adapter_name: str, feats: Tensor, state: Optional[ForwardState]) -> Optional[Tensor]:
+        """This forward's depth tokens for this block, projected to the ViT's width: (B, N, D); None if unused."""
         config = self.spectralmoe_configs[adapter_name]
         if not config.use_depth:
             return None
-        context = self._shared.context
-        grid = context.grid_for(feats.shape[1])
+        if state is None:
+            raise ValueError(
+                "A SpectralMoE block with depth (use_depth=True) ran outside a forward of its model, so it has no depth "
+                "features of its own: call the model (or the module that takes pixel_values, e.g. model.backbone) "
+                "with pixel_values, not a block or the encoder directly. If you checkpoint blocks yourself, wrap the "
+                "block call (torch.utils.checkpoint / checkpoint_wrapper) so its hidden states are passed as inputs."
+            )
+        grid = state.grid_for(feats.shape[1])
         if grid is None:
             raise ValueError(
                 f"Cannot tell the patch grid of {feats.shape[1]} visual tokens to align depth features with: pass "
                 "pixel_values to the model (its height and width give the grid)."
             )
         if config.depth_source == "elevation":
-            return context.elevation_tokens(adapter_name, self._shared.elevation_encoder[adapter_name], grid)
-        depth = context.depth_tokens(self.block_index, self.num_blocks, grid)  # B, N, C
+            return state.elevation_tokens(adapter_name, self._shared.elevation_encoder[adapter_name], grid)
+        features = state.depth.get(adapter_name)
+        if features is None:  # the adapter was not active when this forward started
+            raise ValueError(
+                f"Adapter {adapter_name!r} became active during a forward: activate adapters between forwards."
+            )
+        depth = features.tokens(self.block_index, self.num_blocks, grid)  # B, N, C
         if depth.shape[0] != feats.shape[0]:
             raise ValueError(
                 f"Depth features have batch size {depth.shape[0]} but the images have {feats.shape[0]}."
             )
         projection = self._shared.depth_projection
         if adapter_name in projection:
+            expected = projection[adapter_name].in_features
+            if depth.shape[-1] != expected:
+                raise ValueError(
+                    f"Depth features are {depth.shape[-1]} wide but adapter {adapter_name!r} was made for a depth model "
+                    f"{expected} wide (depth_hidden_size={expected}): pass the hidden states of that depth model."
+                )
             depth = projection[adapter_name](depth.to(projection[adapter_name].weight.dtype))  # B, N, D
         elif depth.shape[-1] != self.hidden_size:
             raise ValueError(
-                f"Depth features are {depth.shape[-1]} wide but the ViT is {self.hidden_size} wide: set "
+                f"Depth features are {depth.shape[-1]} wide but the ViT is {self.hidden_size} wide: attach the depth "
+                "model with model.set_depth_model(...) (it adds the projection), or create the adapter with "
                 f"SpectralMoEConfig(depth_hidden_size={depth.shape[-1]}) so a projection is trained."
             )
         return depth
 
-    def _refine_block_output(self, block: nn.Module, args: tuple, output: Any) -> Any:
+    def _refine_all(self, feats: Tensor, state: Optional[ForwardState], active: list[str]) -> Tensor:
+        """Every active adapter's refinement of this block's patch tokens (B, N, D), routing reported to ``state``
+        and, unless an adapter opted out, its balance loss attached to the tokens' graph."""
+        valid = state.token_mask if state is not None else None
+        if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
+            valid = None
+        grid = state.grid_for(feats.shape[1]) if state is not None else None
+        in_graph = []
+        for adapter_name in active:
+            config = self.spectralmoe_configs[adapter_name]
+            refined = self.refine(feats, self._depth_for(adapter_name, feats, state), adapter_name, valid=valid)
+            feats = refined.tokens
+            for stream, routed in refined.routing.items():
+                aux = weighted_aux_loss(config, routed)
+                if config.aux_loss_in_graph:
+                    in_graph.append(aux)
+                if state is not None:  # logged detached unless the user adds it to the loss (opted out)
+                    logged = aux.detach() if config.aux_loss_in_graph else aux
+                    state.record(adapter_name, self.block_index, stream, logged, routing_stats(routed, valid, grid))
+        if in_graph:
+            feats = attach_aux_loss(feats, torch.stack([loss.float() for loss in in_graph]).sum())
+        return feats
+
+    def _forward_state(self, args: tuple, kwargs: dict) -> Optional[ForwardState]:
+        """The state of the forward this block call belongs to: the running one, else (a checkpoint recomputation,
+        after its forward returned) the one its inputs were tagged with. None for a bare call of a block."""
+        if torch.compiler.is_compiling():
+            return self._shared.traced_state
+        state = running_state(self._shared.owner)
+        if state is not None:
+            tag_inputs(state, args, kwargs)
+            return state
+        return tagged_state(self._shared.owner, args, kwargs)
+
+    def _refine_block_output(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """Forward hook on the wrapped block (registered first): refine its patch tokens.
 
         A hook rather than code after ``base_layer(...)``: transformers 5 records ``hidden_states`` (and Backbone
         feature maps) with forward hooks on the block class, i.e. on the wrapped block. Running first among the
-        block's hooks, the refinement is what they record; it also runs inside the block's gradient checkpoint.
+        block's hooks, the refinement is what they record. Under transformers' gradient checkpointing (which
+        checkpoints the block's ``forward``, not its hooks) the refinement is checkpointed too, as its own segment.
         """
         active = [name for name in self.active_adapters if name in self.spectralmoe_A]
         if self.disable_adapters or not active:
             return None
+        state = self._forward_state(args, kwargs)
         hidden = output[0] if isinstance(output, tuple) else output  # B, P + N, D
         prefix, feats = hidden[:, : self.num_prefix_tokens], hidden[:, self.num_prefix_tokens :]
-        for adapter_name in active:
-            feats = self.refine_patch_tokens(feats, self._depth_for(adapter_name, feats), adapter_name)
+        if getattr(block, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            feats = torch.utils.checkpoint.checkpoint(self._refine_all, feats, state, active, use_reentrant=False)
+        else:
+            feats = self._refine_all(feats, state, active)
         hidden = torch.cat([prefix, feats], dim=1)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -8,35 +8,30 @@ in eval mode, but is never part of ``state_dict()`` and so never written into th
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from torch import Tensor, nn
 
-from .architectures import BlockStack, find_block_stack, patch_size_of, prefix_tokens_of
+from .architectures import BlockStack, find_block_stack, patch_size_of
 from .config import SpectralMoEConfig
-from .context import DepthInput, ForwardContext, RoutingStats
 from .depth import (
-    depth_hidden_size,
+    area_validity,
     check_elevation,
+    depth_hidden_size,
+    elevation_voids,
     load_depth_model,
-    normalize_for_depth,
     patch_validity,
-    resize_to_patch_multiple,
-    select_rgb,
 )
+from .depth_stream import DepthStream
+from .forward_state import ForwardState, LastForward, RoutingStats, close_state, open_state, running_state
 from .layer import SharedModules, SpectralMoELayer, check_adapter_name
 from .registration import PREFIX
 
-def _depth_encoder(depth_model: nn.Module) -> nn.Module:
-    """The part of the depth model whose hidden_states the adapters read. A depth-estimation model (Depth Anything,
-    DPT with a backbone) computes them in its ViT backbone: run only that, not the neck and head it would discard."""
-    backbone = getattr(depth_model, "backbone", None)
-    if isinstance(backbone, nn.Module) and patch_size_of(getattr(backbone, "config", None)) is not None:
-        return backbone
-    return depth_model
+_FORWARD_KWARGS = ("depth_hidden_states", "depth_pixel_values", "elevation", "nodata_mask")
 
 
 class SpectralMoEModel(BaseTuner):
@@ -63,31 +58,49 @@ class SpectralMoEModel(BaseTuner):
     def _setup_shared_state(self, model: nn.Module) -> None:
         if "spectralmoe_token_to_feature" in self._modules:
             return
+        for module in model.modules():
+            if isinstance(module, SpectralMoELayer):
+                raise ValueError(
+                    "This base model already carries SpectralMoE adapters of another PeftModel (get_peft_model called "
+                    "twice on the same model, e.g. by re-running a notebook cell): build a fresh base model, or add "
+                    "another adapter to the existing one with peft_model.add_adapter(name, config)."
+                )
         self.spectralmoe_token_to_feature = nn.ModuleDict()
         self.spectralmoe_delta = nn.ModuleDict()
         self.spectralmoe_scale = nn.ParameterDict()
         self.spectralmoe_depth_projection = nn.ModuleDict()
         self.spectralmoe_elevation_encoder = nn.ModuleDict()
-        context = ForwardContext()
         shared = SharedModules(
             token_to_feature=self.spectralmoe_token_to_feature,
             delta=self.spectralmoe_delta,
             scale=self.spectralmoe_scale,
             depth_projection=self.spectralmoe_depth_projection,
             elevation_encoder=self.spectralmoe_elevation_encoder,
-            context=context,
+            owner=id(self),
         )
         # plain attributes: not submodules, not saved, not moved twice
-        object.__setattr__(self, "_context", context)
         object.__setattr__(self, "_shared", shared)
-        object.__setattr__(self, "_depth_model", None)
+        object.__setattr__(self, "_depth_stream", DepthStream())
+        object.__setattr__(self, "_last_forward", None)
         object.__setattr__(self, "_adapters_enabled", True)
         object.__setattr__(self, "_block_stack", None)
-        handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        object.__setattr__(self, "_hook_handle", handle)
-        done = model.register_forward_hook(self._after_forward)
-        object.__setattr__(self, "_done_hook_handle", done)
+        object.__setattr__(self, "_hook_handles", [])
         self._register_load_state_dict_pre_hook(self._check_adapter_state_dict)
+
+    def _hook_forward_entries(self, model: nn.Module, stack: BlockStack) -> None:
+        """Open a forward's state at the model and at every module between it and the blocks that takes pixel_values
+        (e.g. ``upernet.backbone``): a direct call of such a module computes its own depth stream."""
+        if self._hook_handles:
+            return
+        parts = stack.path.split(".") if stack.path else []
+        entries = [model]
+        for depth in range(1, len(parts)):
+            module = model.get_submodule(".".join(parts[:depth]))
+            if "pixel_values" in inspect.signature(module.forward).parameters:
+                entries.append(module)
+        for module in entries:
+            self._hook_handles.append(module.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+            self._hook_handles.append(module.register_forward_hook(self._end_forward, always_call=True))
 
     def _add_shared_modules(self, adapter_name: str, config: SpectralMoEConfig, stack: BlockStack) -> None:
         reference = next(self.model.parameters())
@@ -131,6 +144,7 @@ class SpectralMoEModel(BaseTuner):
         self._setup_shared_state(model)
         stack = find_block_stack(model, config.num_prefix_tokens)
         object.__setattr__(self, "_block_stack", stack)
+        self._hook_forward_entries(model, stack)
         self._add_shared_modules(adapter_name, config, stack)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
@@ -260,10 +274,9 @@ class SpectralMoEModel(BaseTuner):
             if isinstance(module, SpectralMoELayer):
                 module.remove_refine_hook()
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
-        for attribute in ("_hook_handle", "_done_hook_handle"):
-            handle = getattr(self, attribute, None)
-            if handle is not None:
-                handle.remove()
+        for handle in getattr(self, "_hook_handles", []):
+            handle.remove()
+        self._hook_handles.clear()
         return model
 
     def _check_adapter_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -311,26 +324,32 @@ class SpectralMoEModel(BaseTuner):
     # --- depth model --------------------------------------------------------------------------------------------
 
     def set_depth_model(self, depth_model: Union[nn.Module, str, None]) -> None:
-        """Attach a frozen depth model (any HF model that returns ``hidden_states``); None detaches it.
+        """Attach a frozen depth model (any HF model that returns ``hidden_states``); None detaches it (and keeps a
+        ``depth_model_name_or_path`` in the config from being loaded again).
 
         A string is a Hub id or local path, loaded with ``from_pretrained`` (its image processor's mean/std, when it
-        has one, become the adapters' depth normalization) and remembered in the adapters' configs. The model is
-        frozen, kept in eval mode, moved to the adapter's device, moves with ``.to()``, and is never saved.
+        has one, become the adapters' depth normalization) and remembered in the adapters' configs. A depth model of
+        another width than the ViT gets a trainable projection for each depth adapter that has none yet, recorded in
+        its config (``depth_hidden_size``) so a reload rebuilds it: attach the depth model before building the
+        optimizer. The model is frozen, kept in eval mode, moved to the adapter's device, moves with ``.to()``, and is
+        never saved.
         """
+        stream: DepthStream = self._depth_stream
         if depth_model is None:
-            object.__setattr__(self, "_depth_model", None)
+            stream.model, stream.detached = None, True
             return
-        name_or_path = None
+        normalization, name_or_path = None, None
         if isinstance(depth_model, str):
             name_or_path = depth_model
             depth_model, normalization = load_depth_model(name_or_path)
-            for config in self.peft_config.values():
-                if config.use_depth and config.depth_source == "model":
-                    config.depth_model_name_or_path = name_or_path
-                    if normalization is not None:
-                        config.depth_image_mean, config.depth_image_std = normalization
         if not isinstance(depth_model, nn.Module):
             raise ValueError(f"set_depth_model expects a torch nn.Module, got {type(depth_model).__name__}.")
+        own_modules = {id(module) for module in self.model.modules()}
+        if any(id(module) in own_modules for module in depth_model.modules()):
+            raise ValueError(
+                "set_depth_model got (part of) the adapted model itself: the depth stream needs a separate, frozen "
+                "depth model (Depth Anything, DPT, a Dinov2Model, ...). Nothing was changed."
+            )
         if patch_size_of(getattr(depth_model, "config", None)) is None:
             raise ValueError(
                 f"The depth model {type(depth_model).__name__} has no config with a patch_size: expected a HF ViT-based "
@@ -338,46 +357,117 @@ class SpectralMoEModel(BaseTuner):
             )
         width = depth_hidden_size(depth_model)
         stack: BlockStack = self._block_stack
-        for name, config in self.peft_config.items():
-            if not config.use_depth or config.depth_source != "model" or width is None or width == stack.hidden_size:
-                continue
-            if config.depth_hidden_size != width:
+        depth_adapters = {n: c for n, c in self.peft_config.items() if c.use_depth and c.depth_source == "model"}
+        for name, config in depth_adapters.items():
+            declared = config.depth_hidden_size
+            if width is not None and declared is not None and declared != width and declared != stack.hidden_size:
                 raise ValueError(
-                    f"The depth model is {width} wide but the ViT is {stack.hidden_size} wide and adapter '{name}' "
-                    f"has depth_hidden_size={config.depth_hidden_size}: create the adapter with "
-                    f"SpectralMoEConfig(depth_hidden_size={width}) so a projection is trained."
+                    f"The depth model is {width} wide but adapter '{name}' was made for a depth model {declared} wide "
+                    f"(depth_hidden_size={declared}; its projection's weights expect that width): attach a depth model "
+                    f"of width {declared}, or create a new adapter for this one."
                 )
+        for name, config in depth_adapters.items():  # checked everything first: nothing changes on an error
+            if width is not None and width != stack.hidden_size and name not in self.spectralmoe_depth_projection:
+                self._add_depth_projection(name, width)
+            if name_or_path is not None:
+                config.depth_model_name_or_path = name_or_path
+                if normalization is not None:
+                    config.depth_image_mean, config.depth_image_std = normalization
         depth_model.requires_grad_(False)
         depth_model.eval()
         reference = next(self.model.parameters())
         depth_model.to(reference.device)
-        object.__setattr__(self, "_depth_model", depth_model)
+        stream.model, stream.detached = depth_model, False
+
+    def _add_depth_projection(self, adapter_name: str, width: int) -> None:
+        config = self.peft_config[adapter_name]
+        reference = next(self.model.parameters())
+        dtype = reference.dtype if reference.is_floating_point() else None
+        projection = nn.Linear(width, self._block_stack.hidden_size, device=reference.device, dtype=dtype)
+        if dtype in (torch.float16, torch.bfloat16):
+            projection.float()  # adapters train in fp32 (peft's autocast_adapter_dtype)
+        trainable = adapter_name in self.active_adapters and not config.inference_mode
+        projection.requires_grad_(trainable)
+        self.spectralmoe_depth_projection[adapter_name] = projection
+        config.depth_hidden_size = width
 
     @property
     def depth_model(self) -> Optional[nn.Module]:
-        return self._depth_model
+        return self._depth_stream.model
+
+    def compute_depth_hidden_states(self, pixel_values: Tensor, adapter_name: Optional[str] = None) -> tuple:
+        """Exactly the depth features an adapter computes on the fly (its bands, rescale, normalization, resize, the
+        depth model's encoder), as (B, C, h, w) grids per depth layer: cache them per tile and pass them back as
+        ``model(pixel_values=x, depth_hidden_states=cached)`` to skip the depth model. Needs an attached depth model.
+        """
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise ValueError(f"No adapter named {name!r}; adapters: {sorted(self.peft_config)}.")
+        self._load_named_depth_model({name: self.peft_config[name]})
+        return self._depth_stream.hidden_state_grids(self.peft_config[name], pixel_values)
+
+    def _load_named_depth_model(self, configs: dict) -> None:
+        """Load the depth model an adapter config names, once, when none is attached and none was detached."""
+        stream: DepthStream = self._depth_stream
+        if stream.model is not None or stream.detached:
+            return
+        named = next((c.depth_model_name_or_path for c in configs.values() if c.depth_model_name_or_path), None)
+        if named is None:
+            return
+        with stream.load_lock:
+            if stream.model is None:
+                self.set_depth_model(named)
 
     def _apply(self, fn, *args: Any, **kwargs: Any):
         super()._apply(fn, *args, **kwargs)
-        depth_model = self.__dict__.get("_depth_model")
-        if depth_model is not None:
-            depth_model._apply(fn, *args, **kwargs)
+        stream = self.__dict__.get("_depth_stream")
+        if stream is not None and stream.model is not None:
+            stream.model._apply(fn, *args, **kwargs)
         return self
 
     def train(self, mode: bool = True):
         super().train(mode)
-        depth_model = self.__dict__.get("_depth_model")
-        if depth_model is not None:
-            depth_model.eval()  # frozen: dropout and norm statistics never train
+        stream = self.__dict__.get("_depth_stream")
+        if stream is not None and stream.model is not None:
+            stream.model.eval()  # frozen: dropout and norm statistics never train
         return self
 
-    # --- the forward pre-hook: depth stream and per-forward state ----------------------------------------------------
+    # --- a forward's state: opened when the model (or an inner module taking pixel_values) is called ----------------
 
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
-        depth_hidden_states = kwargs.pop("depth_hidden_states", None)
-        depth_pixel_values = kwargs.pop("depth_pixel_values", None)
-        elevation = kwargs.pop("elevation", None)
-        nodata_mask = kwargs.pop("nodata_mask", None)
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        inputs = {name: kwargs.pop(name, None) for name in _FORWARD_KWARGS}
+        if torch.compiler.is_compiling():
+            if self._shared.traced_state is None:
+                self._shared.traced_state = self._new_state(module, args, kwargs, **inputs)
+            return args, kwargs
+        if running_state(id(self)) is not None:
+            return args, kwargs  # an inner module of a running forward: that forward's state applies
+        open_state(self._new_state(module, args, kwargs, **inputs))  # last: a validation error leaves nothing open
+        return args, kwargs
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            state = self._shared.traced_state
+            if state is not None and state.opened_by is module:
+                self._shared.traced_state = None
+                object.__setattr__(self, "_last_forward", state.finish(completed=True))
+            return None
+        state = close_state(id(self), module)
+        if state is not None:  # output is None only when the forward raised (an always_call hook)
+            object.__setattr__(self, "_last_forward", state.finish(completed=output is not None))
+        return None
+
+    def _new_state(
+        self,
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        depth_hidden_states=None,
+        depth_pixel_values=None,
+        elevation=None,
+        nodata_mask=None,
+    ) -> ForwardState:
+        """Everything the blocks of this forward share, computed from this forward's inputs only."""
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None and args and isinstance(args[0], Tensor):
             pixel_values = args[0]
@@ -385,130 +475,66 @@ class SpectralMoEModel(BaseTuner):
         visual_grid = None
         if isinstance(pixel_values, Tensor) and pixel_values.ndim == 4:
             visual_grid = (pixel_values.shape[-2] // stack.patch_size[0], pixel_values.shape[-1] // stack.patch_size[1])
-        depth, elevation_input = None, None
-        if self._adapters_enabled:
-            sources = {self.peft_config[n].depth_source for n in self.active_adapters if self._uses_depth(n)}
-            if "model" in sources:
-                config = next(self.peft_config[n] for n in self.active_adapters if self._uses_depth(n, "model"))
-                depth = self._depth_input(config, pixel_values, depth_pixel_values, depth_hidden_states)
-            if "elevation" in sources:
-                elevation_input = check_elevation(elevation, pixel_values)
-        token_mask = None
-        if visual_grid is not None and (nodata_mask is not None or self._nodata_value() is not None):
-            token_mask = patch_validity(pixel_values, nodata_mask, self._nodata_value(), stack.patch_size)
-        self._context.start_forward(depth, visual_grid, elevation=elevation_input, token_mask=token_mask)
-        return args, kwargs
-
-    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._context.completed = True  # only reached when the forward did not raise
-
-    def _uses_depth(self, adapter_name: str, source: Optional[str] = None) -> bool:
-        config = self.peft_config.get(adapter_name)
-        return config is not None and config.use_depth and (source is None or config.depth_source == source)
-
-    def _nodata_value(self):
-        for name in self.active_adapters:
-            config = self.peft_config.get(name)
-            if config is not None and config.nodata_value is not None:
-                return config.nodata_value
-        return None
-
-    def _depth_input(
-        self,
-        config: SpectralMoEConfig,
-        pixel_values: Optional[Tensor],
-        depth_pixel_values: Optional[Tensor],
-        depth_hidden_states: Optional[Sequence[Tensor]],
-    ) -> DepthInput:
-        if depth_hidden_states is not None:
-            return self._explicit_depth(config, depth_hidden_states)
-        if self._depth_model is None and config.depth_model_name_or_path:
-            self.set_depth_model(config.depth_model_name_or_path)
-        depth_model = self._depth_model
-        if depth_model is None:
-            raise ValueError(
-                "This SpectralMoE adapter uses depth (use_depth=True) but no depth source was given: attach a depth "
-                "model with model.set_depth_model(...), pass depth_hidden_states= or depth_pixel_values=, or create "
-                "the adapter with use_depth=False."
+        active = {n: self.peft_config[n] for n in self.active_adapters if n in self.peft_config}
+        depth_configs = {n: c for n, c in active.items() if c.use_depth and c.depth_source == "model"}
+        uses_elevation = any(c.use_depth and c.depth_source == "elevation" for c in active.values())
+        nodata_value = next((c.nodata_value for c in active.values() if c.nodata_value is not None), None)
+        state = ForwardState(
+            owner=id(self),
+            opened_by=module,
+            visual_grid=visual_grid,
+            keep_routing_stats=all(c.keep_routing_stats for c in active.values()),
+        )
+        if not self._adapters_enabled:
+            return state
+        if depth_configs:
+            self._load_named_depth_model(depth_configs)
+            state.depth = self._depth_stream.features_for(
+                depth_configs, pixel_values, depth_pixel_values, depth_hidden_states
             )
-        if depth_pixel_values is not None:
-            if depth_pixel_values.ndim != 4 or depth_pixel_values.shape[1] != 3:
-                raise ValueError(
-                    f"depth_pixel_values must be RGB images (batch, 3, height, width) in [0, 1]; got shape "
-                    f"{tuple(depth_pixel_values.shape)}."
-                )
-            rgb = normalize_for_depth(depth_pixel_values, 1.0, 0.0, config.depth_image_mean, config.depth_image_std)
-        elif pixel_values is not None:
-            rgb = select_rgb(pixel_values, config.resolved_rgb_band_indices())
-            rgb = normalize_for_depth(
-                rgb, config.depth_input_rescale, config.depth_input_offset, config.depth_image_mean,
-                config.depth_image_std,
-            )
-        else:
-            raise ValueError("SpectralMoE needs pixel_values (or depth_pixel_values) to run the depth model on.")
-        encoder = _depth_encoder(depth_model)
-        patch = patch_size_of(encoder.config)  # _depth_encoder only returns models that have one
-        rgb = resize_to_patch_multiple(rgb, patch)
-        reference = next(depth_model.parameters(), rgb)
-        with torch.no_grad():
-            outputs = encoder(pixel_values=rgb.to(reference.device, reference.dtype), output_hidden_states=True)
-        hidden_states = getattr(outputs, "hidden_states", None)
-        if hidden_states is None:
-            raise ValueError(f"The depth model {type(depth_model).__name__} returned no hidden_states.")
-        grid = (rgb.shape[-2] // patch[0], rgb.shape[-1] // patch[1])
-        num_prefix = hidden_states[-1].shape[1] - grid[0] * grid[1]
-        if num_prefix < 0:
-            raise ValueError(
-                f"The depth model returned {hidden_states[-1].shape[1]} tokens for a {grid[0]}x{grid[1]} patch grid."
-            )
-        return DepthInput(hidden_states=list(hidden_states), num_prefix_tokens=num_prefix, grid=grid)
-
-    def _explicit_depth(self, config: SpectralMoEConfig, depth_hidden_states: Sequence[Tensor]) -> DepthInput:
-        if isinstance(depth_hidden_states, Tensor) or not isinstance(depth_hidden_states, (list, tuple)):
-            raise ValueError(
-                "depth_hidden_states must be a tuple/list of per-layer tensors, as a HF model's hidden_states "
-                "(embedding output first), each (B, tokens, C) or (B, C, h, w)."
-            )
-        if len(depth_hidden_states) < 2:
-            raise ValueError(f"depth_hidden_states needs at least 2 entries; got {len(depth_hidden_states)}.")
-        num_prefix = config.depth_num_prefix_tokens
-        if num_prefix is None and self._depth_model is not None:
-            num_prefix = prefix_tokens_of(getattr(self._depth_model, "config", None))
-        if num_prefix is None and any(h.ndim == 3 for h in depth_hidden_states):
-            raise ValueError(
-                "depth_hidden_states given as (B, tokens, C) need SpectralMoEConfig.depth_num_prefix_tokens (how many "
-                "CLS/register tokens precede the patches); or pass (B, C, h, w) grids."
-            )
-        return DepthInput(hidden_states=list(depth_hidden_states), num_prefix_tokens=num_prefix or 0, grid=None)
+        voids = None
+        if uses_elevation:
+            state.elevation = check_elevation(elevation, pixel_values)
+            voids = elevation_voids(state.elevation, nodata_value)
+        if visual_grid is not None and (nodata_mask is not None or nodata_value is not None or voids is not None):
+            state.token_mask = patch_validity(pixel_values, nodata_mask, nodata_value, stack.patch_size)
+            if voids is not None:
+                state.token_mask = state.token_mask & area_validity(~voids, visual_grid)
+        return state
 
     # --- what users read after a forward -----------------------------------------------------------------------------
 
-    def _check_last_forward_completed(self, caller: str) -> None:
-        if not self._context.completed:
+    def _last_completed_forward(self, caller: str) -> LastForward:
+        last: Optional[LastForward] = self._last_forward
+        if last is None:
+            raise RuntimeError(f"{caller} reads the last forward's routing: run a forward pass first.")
+        if not last.completed:
             raise RuntimeError(
                 f"{caller} reads the last forward's routing, but that forward raised before it finished (its "
                 "statistics are incomplete): run a successful forward first."
             )
+        return last
 
     def get_aux_loss(self) -> Tensor:
-        """Weighted sum over blocks and streams of the auxiliary (balance) losses of the last forward."""
-        context: ForwardContext = self._context
-        if context.num_forwards == 0:
-            raise RuntimeError("get_aux_loss() reads the last forward's routing: run a forward pass first.")
-        self._check_last_forward_completed("get_aux_loss()")
-        losses = list(context.aux_losses.values())
-        if not losses:
+        """Weighted sum over blocks and streams of the auxiliary (balance) losses of the last finished forward.
+
+        With ``aux_loss_in_graph=True`` (the default) that loss already reaches the routers through any backward of
+        the task loss, so the value returned here is detached (for logging: adding it to the loss changes nothing).
+        Adapters created with ``aux_loss_in_graph=False`` get it with its graph, to add to the loss yourself.
+        """
+        last = self._last_completed_forward("get_aux_loss()")
+        if last.aux_loss is None:
             reference = next(self.parameters())
-            return reference.new_zeros(())
-        return torch.stack([loss.float() for loss in losses]).sum()
+            return reference.new_zeros((), dtype=torch.float32)
+        return last.aux_loss
 
     def get_routing_stats(self, adapter_name: Optional[str] = None) -> dict[int, dict[str, RoutingStats]]:
-        """Routing of the last forward: {block_index: {"visual" | "depth": RoutingStats}} for one adapter."""
-        context: ForwardContext = self._context
-        if context.num_forwards == 0:
-            raise RuntimeError("get_routing_stats() reads the last forward's routing: run a forward pass first.")
-        self._check_last_forward_completed("get_routing_stats()")
+        """Routing of the last finished forward: {block_index: {"visual" | "depth": RoutingStats}} for one adapter
+        (empty when the adapter was inactive, or its config has ``keep_routing_stats=False``)."""
+        last = self._last_completed_forward("get_routing_stats()")
+        if not self.peft_config:
+            raise ValueError("This model has no SpectralMoE adapter left (all were deleted): add one first.")
         name = adapter_name or self.active_adapters[0]
         if name not in self.peft_config:
             raise ValueError(f"No adapter named {name!r}; adapters: {sorted(self.peft_config)}.")
-        return context.routing.get(name, {})
+        return last.routing.get(name, {})

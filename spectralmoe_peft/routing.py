@@ -123,3 +123,28 @@ def route(
         z_loss=z_loss,
         expert_load=dispatch_fraction.detach(),
     )
+
+
+class _AuxLossInGraph(torch.autograd.Function):
+    """Identity on the tokens; in backward it also feeds a gradient of 1 into the auxiliary loss.
+
+    So the balance loss trains the routers whenever the task loss is backpropagated through the block, with no
+    trainer code (Megatron-LM's ``MoEAuxLossAutoScaler``). Nothing is saved for backward: the aux loss is a scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, aux_loss: Tensor) -> Tensor:
+        ctx.aux_dtype, ctx.aux_device = aux_loss.dtype, aux_loss.device
+        return tokens.view_as(tokens)
+
+    @staticmethod
+    def backward(ctx, grad_tokens: Tensor):
+        return grad_tokens, torch.ones((), dtype=ctx.aux_dtype, device=ctx.aux_device)
+
+
+def attach_aux_loss(tokens: Tensor, aux_loss: Tensor) -> Tensor:
+    """``tokens``, unchanged, carrying ``aux_loss`` into any backward that passes through them (see above).
+    Without a graph (no_grad, eval, frozen routers) there is nothing to attach."""
+    if not (torch.is_grad_enabled() and aux_loss.requires_grad):
+        return tokens
+    return _AuxLossInGraph.apply(tokens, aux_loss)

@@ -40,7 +40,6 @@ def test_refinement_compiles_as_one_graph_in_training():
     model = adapted().train()
     layer = model.base_model.model.encoder.layer[0]
     feats, depth = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
-    model.base_model._context.start_forward(None, (4, 4))
     compiled = torch.compile(layer.refine_patch_tokens, backend="eager", fullgraph=True)
     out = compiled(feats, depth, "default")  # fullgraph=True raises on any break or host sync
     out.sum().backward()

@@ -110,8 +110,8 @@ def test_clear_errors():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match="no depth source"):
         model(pixel_values=x)
-    with pytest.raises(ValueError, match="depth_hidden_size=48"):
-        get_peft_model(make_model(), config(depth_hidden_size=None)).set_depth_model(make_depth_model())
+    with pytest.raises(ValueError, match="made for a depth model 40 wide"):
+        get_peft_model(make_model(), config(depth_hidden_size=40)).set_depth_model(make_depth_model())
     with pytest.raises(ValueError, match="depth_num_prefix_tokens"):
         model(pixel_values=x, depth_hidden_states=[torch.randn(1, 10, 48)] * 3)
     with pytest.raises(ValueError, match="tuple/list"):
@@ -157,9 +157,12 @@ def test_depth_estimation_models_run_only_their_encoder():
     model = get_peft_model(make_model("dinov2"), SpectralMoEConfig(num_experts=2, num_tokens=4, expert_rank=2,
                                                                   depth_hidden_size=24, init_weights=False)).eval()
     model.set_depth_model(depth_model)
+    captured = []
+    model.base_model._depth_stream.model.backbone.register_forward_hook(
+        lambda module, args, output: captured.extend(output.hidden_states))
     with torch.no_grad():
         out = model(pixel_values=torch.rand(2, 3, 32, 32)).last_hidden_state
-        used = model.base_model._context.depth.hidden_states
+        used = list(captured)  # what the adapter's forward got (the full call below runs the backbone again)
         assert not calls and len(seen) == 1 and torch.isfinite(out).all()  # the head never ran
         rgb = seen[0]
         full = depth_model(pixel_values=rgb, output_hidden_states=True).hidden_states

@@ -87,13 +87,13 @@ def test_alignment_ramp_lands_on_the_matching_visual_tokens():
     model.set_depth_model(PositionDepthModel())
     seen = {}
     layer = next(m for m in model.modules() if isinstance(m, SpectralMoELayer) and m.block_index == 2)
-    original = layer.refine_patch_tokens
+    original = layer.refine
 
-    def spy(feats, depth, adapter_name):
+    def spy(feats, depth, adapter_name, valid=None):
         seen["depth"] = depth
-        return original(feats, depth, adapter_name)
+        return original(feats, depth, adapter_name, valid=valid)
 
-    layer.refine_patch_tokens = spy
+    layer.refine = spy
     model(pixel_values=torch.rand(1, 3, 96, 160))  # visual grid 6 x 10; depth input 98 x 154 -> grid 7 x 11
     depth = seen["depth"].reshape(1, 6, 10, 32)
     columns = (torch.arange(10) + 0.5) / 10
@@ -183,10 +183,18 @@ def test_elevation_source_trains_saves_and_reloads(tmp_path):
 
 def test_nodata_patches_stay_out_of_routing_statistics():
     model = get_peft_model(dinov3(num_channels=4), config(use_depth=False, nodata_value=-9999.0, top_k=1))
+    layer = next(m for m in model.modules() if isinstance(m, SpectralMoELayer))
+    masks, original = [], layer.refine
+
+    def spy(feats, depth, adapter_name, valid=None):
+        masks.append(valid)
+        return original(feats, depth, adapter_name, valid=valid)
+
+    layer.refine = spy
     x = torch.rand(1, 4, 64, 64)
     x[:, :, :32, :] = -9999.0  # the top half of the image is nodata: patch rows 0-1 of 4
     model(pixel_values=x)
-    mask = model.base_model._context.token_mask
+    mask = masks[-1]
     assert mask.shape == (1, 16) and mask[0, :8].logical_not().all() and mask[0, 8:].all()
     stats = model.get_routing_stats()[0]["visual"]
     chosen = stats.topk_indices[0, 8:, 0]
@@ -195,7 +203,7 @@ def test_nodata_patches_stay_out_of_routing_statistics():
     with pytest.raises(ValueError, match="nodata_mask"):
         model(pixel_values=x, nodata_mask=torch.zeros(1, 10, 10, dtype=torch.bool))
     model(pixel_values=torch.rand(1, 4, 64, 64), nodata_mask=torch.ones(1, 64, 64, dtype=torch.bool))
-    assert not model.base_model._context.token_mask.any()
+    assert not masks[-1].any()
 
 
 def test_widened_patch_embedding_is_trained_and_saved_with_the_adapter(tmp_path):

@@ -167,12 +167,10 @@ def test_empty_batch_fails_inside_hf_attention_not_in_the_adapter(visual_model):
 
 def test_refinement_itself_accepts_an_empty_batch(depth_model):
     layer = next(m for m in depth_model.modules() if isinstance(m, SpectralMoELayer))
-    depth_model.base_model._context.start_forward(None, (4, 4))
-    out = layer.refine_patch_tokens(torch.randn(0, 16, HIDDEN), torch.randn(0, 16, HIDDEN), "default")
-    assert out.shape == (0, 16, HIDDEN)
-    losses = depth_model.base_model._context.aux_losses
-    assert set(losses) == {("default", 0, "visual"), ("default", 0, "depth")}
-    assert all(torch.isfinite(v) for v in losses.values())
+    refined = layer.refine(torch.randn(0, 16, HIDDEN), torch.randn(0, 16, HIDDEN), "default")
+    assert refined.tokens.shape == (0, 16, HIDDEN)
+    assert set(refined.routing) == {"visual", "depth"}
+    assert all(torch.isfinite(r.balance_loss) and torch.isfinite(r.z_loss) for r in refined.routing.values())
 
 
 # --- depth_hidden_states --------------------------------------------------------------------------------------------

@@ -69,11 +69,11 @@ def test_refinement_equals_the_per_token_reference(cfg, batch, grid, hidden, noi
     generator = torch.Generator().manual_seed(seed)
     feats = torch.randn(batch, num, hidden, dtype=torch.float64, generator=generator)
     depth = torch.randn(batch, num, hidden, dtype=torch.float64, generator=generator) if cfg["use_depth"] else None
-    model.base_model._context.start_forward(None, grid)
 
     with torch.no_grad():
         torch.manual_seed(seed)
-        fast = layer.refine_patch_tokens(feats, depth, "default")
+        refined = layer.refine(feats, depth, "default")
+        fast = refined.tokens
         torch.manual_seed(seed)  # the layer draws the visual stream's noise first, then the depth stream's
         num_experts = cfg["num_experts"]
         eps_v = torch.randn(batch, num, num_experts, dtype=torch.float64) if noisy else None
@@ -84,11 +84,8 @@ def test_refinement_equals_the_per_token_reference(cfg, batch, grid, hidden, noi
         )
     assert fast.shape == (batch, num, hidden)
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
-    model.base_model._context.completed = True  # the layer was driven by hand: mark this "forward" as finished
-    stats = model.get_routing_stats()[layer.block_index]
-    assert stats["visual"].topk_indices.shape == (batch, num, cfg["top_k"])
-    assert stats["visual"].grid == grid
-    assert ("depth" in stats) == (depth is not None)
+    assert refined.routing["visual"].topk_indices.shape == (batch, num, cfg["top_k"])
+    assert ("depth" in refined.routing) == (depth is not None)
 
 
 # --- (b) batch independence in eval mode ----------------------------------------------------------------------------
