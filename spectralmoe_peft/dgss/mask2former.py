@@ -1,13 +1,14 @@
 """Mask2Former over a SpectralMoE-adapted ViT, its object queries linked to the adapter's expert tokens.
 
-``query_link="paper"`` (default) is the paper's decoder, which it inherits from Rein and which the released code
-implements (``DepthMoE.return_auto`` with ``link_token_to_query=True``, and ``DepthMoEMask2FormerHead``): each adapted
-block's expert tokens ``T_e = A_e B_e`` (E x M x D) are averaged over experts (M x D), mapped by ``transform``
-(Linear D -> hidden), pooled across blocks three ways (max, mean, last block), concatenated and mapped by ``merge``
-(Linear 3*hidden -> hidden) into the M query embeddings. They are the queries' *positional* embeddings (Mask2Former's
-learned ``queries_embedder`` is dropped, its learned query features stay). Both linears start as torch's default
-``nn.Linear``, as in the released code; with ``B_e = 0`` at init every block's tokens are zero, so the positional
-embeddings start equal for every query (``merge`` of ``transform``'s bias).
+``query_link="paper"`` (default) is the paper's decoder as the released code implements it (``DepthMoE.return_auto``
+with ``link_token_to_query=True``, and ``DepthMoEMask2FormerHead``): Rein's link, with each block's expert tokens
+averaged where Rein has one token set per block. Each adapted block's expert tokens ``T_e = A_e B_e`` (E x M x D)
+are averaged over experts (M x D), mapped by ``transform`` (Linear D -> hidden), pooled across blocks three ways
+(max, mean, last block), concatenated and mapped by ``merge`` (Linear 3*hidden -> hidden) into the M query
+embeddings. They are the queries' *positional* embeddings (Mask2Former's learned ``queries_embedder`` is dropped,
+its learned query features stay). Both linears start as torch's default ``nn.Linear``, as in the released code;
+with ``B_e = 0`` at init every block's tokens are zero, so the positional embeddings start equal for every query
+(``merge`` of ``transform``'s bias), and a disabled adapter gives the link zero tokens too.
 
 ``query_link="mean_last"`` is a simpler variant (not the paper's): the last adapted block's tokens, averaged over
 experts, through a zero-initialized projection, added to Mask2Former's own query *features*: before training the
@@ -69,7 +70,7 @@ def _check_reduce(reduce: str) -> None:
 
 
 class ExpertTokenQueryPositions(nn.Module):
-    """The paper's link (Rein's, kept by the released code): stands in for Mask2Former's ``queries_embedder``; its
+    """The paper's link (the released code's, after Rein): stands in for Mask2Former's ``queries_embedder``; its
     ``.weight`` (num_queries, hidden) is computed from the expert tokens of every adapted block of ``root`` (held by
     weak reference: not a submodule, not saved twice). Parameter names follow the released code."""
 
