@@ -232,8 +232,10 @@ def test_bad_link_arguments_are_named():
     with pytest.raises(ValueError, match="reduce must be one of"):
         attach_expert_token_queries(base, reduce="max")
     attach_expert_token_queries(base)  # idempotent
-    with pytest.raises(ValueError, match="already has query_link='paper'"):
+    with pytest.raises(ValueError, match="already has query_link='paper', reduce='mean'"):
         attach_expert_token_queries(base, query_link="mean_last")
+    with pytest.raises(ValueError, match="already has query_link='paper', reduce='mean'"):
+        attach_expert_token_queries(base, reduce="concat")
     assert isinstance(base.model.transformer_module.queries_embedder, ExpertTokenQueryPositions)
 
 

@@ -139,15 +139,17 @@ def attach_expert_token_queries(
         raise ValueError(f"query_link must be one of {QUERY_LINKS}; got {query_link!r}.")
     _check_reduce(reduce)
     module = model.model.transformer_module
-    present = "paper" if isinstance(module.queries_embedder, ExpertTokenQueryPositions) else (
-        "mean_last" if isinstance(module.queries_features, ExpertTokenQueryFeatures) else None
-    )
-    if present == query_link:
+    links = {"paper": module.queries_embedder, "mean_last": module.queries_features}
+    present = [(name, link) for name, link in links.items()
+               if isinstance(link, (ExpertTokenQueryPositions, ExpertTokenQueryFeatures))]
+    if present:
+        name, link = present[0]
+        if (name, link.reduce) != (query_link, reduce):
+            raise ValueError(
+                f"This Mask2Former already has query_link={name!r}, reduce={link.reduce!r}; build a fresh model for "
+                f"query_link={query_link!r}, reduce={reduce!r}."
+            )
         return
-    if present is not None:
-        raise ValueError(
-            f"This Mask2Former already has query_link={present!r}; build a fresh model for query_link={query_link!r}."
-        )
     width = model.config.backbone_config.hidden_size
     if query_link == "paper":
         embedder = module.queries_embedder  # dropped: the expert tokens give the positional embeddings
