@@ -161,7 +161,10 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             (self.spectralmoe_gate_depth, self.spectralmoe_gate_depth_noise),
         ):
             if adapter_name in gate:
-                nn.init.normal_(gate[adapter_name], std=1.0 / math.sqrt(self.hidden_size))
+                if init_weights == "paper":  # the released code's zeros: every expert ties until noise or training
+                    nn.init.zeros_(gate[adapter_name])  # breaks it (docs/method.md, Initialization)
+                else:
+                    nn.init.normal_(gate[adapter_name], std=1.0 / math.sqrt(self.hidden_size))
                 if init_weights is False:
                     nn.init.normal_(noise[adapter_name], std=1.0 / math.sqrt(self.hidden_size))
                 else:
