@@ -122,7 +122,7 @@ class NaiveSpectralMoE(nn.Module):
         )
         self.token_to_feature = nn.Linear(dim, dim)
         self.delta = nn.Linear(dim, dim)
-        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init)))  # (1,) like the package's
         self.depth_projection = (
             nn.Linear(depth_hidden_size, dim) if use_depth and depth_hidden_size not in (None, dim) else None
         )

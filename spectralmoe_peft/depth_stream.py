@@ -106,6 +106,13 @@ class DepthStream:
         self.detached = False  # set_depth_model(None): do not reload the config's depth_model_name_or_path
         self.load_lock = threading.Lock()  # two threads' first forwards load a named depth model once
 
+    def __getstate__(self) -> dict:  # deepcopy (an EMA teacher) and pickle: a lock is not copied, it is made anew
+        return {"model": self.model, "detached": self.detached}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.model, self.detached = state["model"], state["detached"]
+
     def features_for(
         self,
         configs: dict[str, "SpectralMoEConfig"],

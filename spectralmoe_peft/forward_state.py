@@ -60,7 +60,7 @@ class LastForward:
 class ForwardState:
     """Inputs the blocks of one forward share (depth features, patch grid, nodata mask) and what they report."""
 
-    owner: int  # id() of the tuner whose forward this is
+    owner: "Owner"  # the tuner whose forward this is
     opened_by: Any  # the module whose forward started it (only it closes it)
     visual_grid: Optional[tuple[int, int]]
     token_mask: Optional[Tensor] = None  # B, N bool: valid patch tokens (nodata masked out)
@@ -108,10 +108,17 @@ class ForwardState:
 # --- finding the state of the forward a block belongs to ---------------------------------------------------------
 
 
-def running_state(owner: int) -> Optional[ForwardState]:
+class Owner:
+    """Identifies one tuner's forwards. A deep copy of the model (an EMA teacher) gets its own: copy.deepcopy makes
+    a new instance, where an id() would still name the original."""
+
+    __slots__ = ()
+
+
+def running_state(owner: "Owner") -> Optional[ForwardState]:
     """The innermost forward of tuner ``owner`` running in this thread / task, if any."""
     for state in reversed(_RUNNING.get()):
-        if state.owner == owner:
+        if state.owner is owner:
             return state
     return None
 
@@ -120,10 +127,10 @@ def open_state(state: ForwardState) -> None:
     _RUNNING.set(_RUNNING.get() + (state,))
 
 
-def close_state(owner: int, module: Any) -> Optional[ForwardState]:
+def close_state(owner: "Owner", module: Any) -> Optional[ForwardState]:
     """Pop the state that ``module`` opened (None when ``module`` opened none, e.g. an inner module of a forward)."""
     stack = _RUNNING.get()
-    if stack and stack[-1].owner == owner and stack[-1].opened_by is module:
+    if stack and stack[-1].owner is owner and stack[-1].opened_by is module:
         _RUNNING.set(stack[:-1])
         return stack[-1]
     return None
@@ -146,13 +153,13 @@ def tag_inputs(state: ForwardState, args: tuple, kwargs: dict) -> None:
             continue
 
 
-def tagged_state(owner: int, args: tuple, kwargs: dict) -> Optional[ForwardState]:
+def tagged_state(owner: "Owner", args: tuple, kwargs: dict) -> Optional[ForwardState]:
     """The state a block's inputs were tagged with by their own forward (a checkpoint recomputation)."""
     for tensor in _tensors((*args, *kwargs.values())):
         try:
             state = getattr(tensor.untyped_storage(), _TAG, None)
         except (RuntimeError, AttributeError, NotImplementedError):
             continue
-        if state is not None and state.owner == owner:
+        if state is not None and state.owner is owner:
             return state
     return None

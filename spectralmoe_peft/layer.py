@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from .config import SpectralMoEConfig
-from .forward_state import ForwardState, RoutingStats, running_state, tag_inputs, tagged_state
+from .forward_state import ForwardState, Owner, RoutingStats, running_state, tag_inputs, tagged_state
 from .experts import (
     expert_basis,
     expert_coefficients,
@@ -51,7 +51,7 @@ class SharedModules:
     scale: nn.ParameterDict  # adapter -> scalar s
     depth_projection: nn.ModuleDict  # adapter -> Linear(D_depth, D), only when widths differ
     elevation_encoder: nn.ModuleDict  # adapter -> Conv2d(1, D, patch): depth_source="elevation"
-    owner: int  # id() of the tuner: which forwards' states are ours
+    owner: Owner  # which forwards' states are ours
     # only while torch.compile traces a forward (dynamo cannot trace ContextVars; no Python runs per compiled call)
     traced_state: Optional[ForwardState] = None
 

@@ -27,7 +27,7 @@ from .depth import (
     patch_validity,
 )
 from .depth_stream import DepthStream
-from .forward_state import ForwardState, LastForward, RoutingStats, close_state, open_state, running_state
+from .forward_state import ForwardState, LastForward, Owner, RoutingStats, close_state, open_state, running_state
 from .layer import SharedModules, SpectralMoELayer, check_adapter_name
 from .registration import PREFIX
 
@@ -76,7 +76,7 @@ class SpectralMoEModel(BaseTuner):
             scale=self.spectralmoe_scale,
             depth_projection=self.spectralmoe_depth_projection,
             elevation_encoder=self.spectralmoe_elevation_encoder,
-            owner=id(self),
+            owner=Owner(),
         )
         # plain attributes: not submodules, not saved, not moved twice
         object.__setattr__(self, "_shared", shared)
@@ -85,6 +85,7 @@ class SpectralMoEModel(BaseTuner):
         object.__setattr__(self, "_adapters_enabled", True)
         object.__setattr__(self, "_block_stack", None)
         object.__setattr__(self, "_hook_handles", [])
+        self._register_load_state_dict_pre_hook(self._convert_saved_layouts)  # first: the check sees new shapes
         self._register_load_state_dict_pre_hook(self._check_adapter_state_dict)
 
     def _hook_forward_entries(self, model: nn.Module, stack: BlockStack) -> None:
@@ -113,7 +114,8 @@ class SpectralMoEModel(BaseTuner):
             nn.init.zeros_(delta.bias)
         self.spectralmoe_token_to_feature[adapter_name] = token_to_feature
         self.spectralmoe_delta[adapter_name] = delta
-        self.spectralmoe_scale[adapter_name] = nn.Parameter(torch.tensor(float(config.scale_init), **factory))
+        # shape (1,), not a 0-d scalar: FSDP (1 and 2) refuse scalar parameters; 0.1.0 adapters are converted on load
+        self.spectralmoe_scale[adapter_name] = nn.Parameter(torch.full((1,), float(config.scale_init), **factory))
         if not config.use_depth:
             return
         if config.depth_source == "elevation":  # a patch embedding of the elevation raster, on the ViT's grid
@@ -279,6 +281,25 @@ class SpectralMoEModel(BaseTuner):
         self._hook_handles.clear()
         return model
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names) -> dict:
+        """peft >= 0.21 picks adapter tensors by the names of the tuner's modules; under FSDP or activation
+        checkpointing those names carry wrapper parts (``_fsdp_wrapped_module.``) that a full state dict's keys do not.
+        Every tensor of this method has a ``spectralmoe_*`` name component: take those too."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for key, value in state_dict.items():
+            if key not in selected and any(part.startswith(PREFIX) for part in key.split(".")):
+                selected[key] = value
+        return selected
+
+    @staticmethod
+    def _convert_saved_layouts(state_dict: dict, prefix: str, *args: Any) -> None:
+        """Adapters saved by 0.1.0 stored the update scale s as a 0-d tensor; it is (1,) since (FSDP needs >= 1-d)."""
+        scale_key = f"{prefix}spectralmoe_scale."
+        for key in [k for k in state_dict if k.startswith(scale_key)]:
+            if state_dict[key].ndim == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+
     def _check_adapter_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Refuse incomplete or mismatched adapter weights (the released code only warned).
 
@@ -440,7 +461,7 @@ class SpectralMoEModel(BaseTuner):
             if self._shared.traced_state is None:
                 self._shared.traced_state = self._new_state(module, args, kwargs, **inputs)
             return args, kwargs
-        if running_state(id(self)) is not None:
+        if running_state(self._shared.owner) is not None:
             return args, kwargs  # an inner module of a running forward: that forward's state applies
         open_state(self._new_state(module, args, kwargs, **inputs))  # last: a validation error leaves nothing open
         return args, kwargs
@@ -452,7 +473,7 @@ class SpectralMoEModel(BaseTuner):
                 self._shared.traced_state = None
                 object.__setattr__(self, "_last_forward", state.finish(completed=True))
             return None
-        state = close_state(id(self), module)
+        state = close_state(self._shared.owner, module)
         if state is not None:  # output is None only when the forward raised (an always_call hook)
             object.__setattr__(self, "_last_forward", state.finish(completed=output is not None))
         return None
@@ -480,7 +501,7 @@ class SpectralMoEModel(BaseTuner):
         uses_elevation = any(c.use_depth and c.depth_source == "elevation" for c in active.values())
         nodata_value = next((c.nodata_value for c in active.values() if c.nodata_value is not None), None)
         state = ForwardState(
-            owner=id(self),
+            owner=self._shared.owner,
             opened_by=module,
             visual_grid=visual_grid,
             keep_routing_stats=all(c.keep_routing_stats for c in active.values()),

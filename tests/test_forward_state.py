@@ -340,3 +340,17 @@ def test_zero_task_loss_still_trains_the_routers_under_a_plain_trainer(tmp_path)
                       compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum() * 0)
     trainer.train()
     assert GradSpy.grads and all(g.abs().sum() > 0 for g in GradSpy.grads)
+
+
+def test_a_deep_copy_runs_its_own_forwards():
+    import copy
+
+    model = with_depth().eval()
+    teacher = copy.deepcopy(model)  # an EMA teacher, as in mean-teacher domain adaptation
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(pixel_values=x).last_hidden_state,
+                                   model(pixel_values=x).last_hidden_state, rtol=0, atol=0)
+        teacher(pixel_values=torch.rand(3, 3, 32, 32))
+    assert model.get_routing_stats()[0]["visual"].topk_indices.shape[0] == 2  # the copy's forward is not ours
+    assert teacher.get_routing_stats()[0]["visual"].topk_indices.shape[0] == 3
