@@ -5,7 +5,7 @@ logs, an mIoU ``compute_metrics``, and the paper's recipe as ``TrainingArguments
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +27,12 @@ def _bf16_supported() -> bool:
 
 def paper_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
     """The paper's recipe: AdamW, lr 1e-4, weight decay 0.05, polynomial decay with power 0.9, batch 8 per device,
-    40k steps, bf16 autocast when CUDA with bf16 is there (fp32 otherwise); ``overrides`` win.
+    40k steps, bf16 autocast when it trains on CUDA with bf16 support (fp32 otherwise); ``overrides`` win.
     ``remove_unused_columns=False``: samples are dicts of tensors, not a ``datasets.Dataset``."""
     settings = dict(
         output_dir=output_dir, learning_rate=1e-4, weight_decay=0.05, optim="adamw_torch",
         lr_scheduler_type="polynomial", lr_scheduler_kwargs={"power": 0.9, "lr_end": 0.0}, warmup_steps=0,
-        max_steps=40_000, per_device_train_batch_size=8, bf16=_bf16_supported(),
+        max_steps=40_000, per_device_train_batch_size=8, bf16=_bf16_supported() and not overrides.get("use_cpu"),
         remove_unused_columns=False, report_to="none", save_strategy="no", logging_steps=10,
     )
     settings.update(overrides)
@@ -114,7 +114,8 @@ class SpectralMoETrainer(Trainer):
         if model.training and not torch.isfinite(loss):
             raise non_finite_loss_error(self.state.global_step, task, loss - task)
         if moe and model.training and self.state.global_step % max(1, self.args.logging_steps) == 0:
-            self._routing_log = {"task_loss": task.item(), "aux_loss": (loss - task).item(), **self._routing_logs(unwrapped)}
+            self._routing_log = {"task_loss": task.item(), "aux_loss": (loss - task).item(),
+                                 **self._routing_logs(unwrapped)}
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _routing_logs(self, model) -> dict:
