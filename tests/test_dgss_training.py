@@ -306,3 +306,29 @@ def test_routing_health_reads_the_last_forward():
     with torch.no_grad():
         segmentation_logits(model, batch)
     assert len(routing_health(model)) == 4
+
+
+def test_cached_depth_features_reach_the_adapter_on_both_paths(tmp_path):
+    """Samples may carry cached depth_hidden_states (per-layer (C, h, w) grids): both loops hand them to the model
+    (no depth model is attached, so the forward would fail without them), also with remove_unused_columns=True."""
+    base, to_save = build_upernet(6, 4, image_size=SIZE, head_hidden_size=32)
+    config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=8, depth_hidden_size=16,
+                               modules_to_save=to_save)
+    model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(0)
+    samples = dataset(8)
+    for sample in samples:
+        sample["depth_hidden_states"] = [torch.randn(16, 3, 5, generator=g) for _ in range(5)]
+    received = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        received.append([tuple(h.shape) for h in kwargs["depth_hidden_states"]])
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    train_segmentation(model, samples, TrainConfig(steps=2, batch_size=4), progress=False)
+    trainer = SpectralMoETrainer(model=model, args=trainer_arguments(tmp_path, remove_unused_columns=True, max_steps=2),
+                                 train_dataset=samples, data_collator=collate_segmentation)
+    trainer.train()
+    assert received == [[(4, 16, 3, 5)] * 5] * 4

@@ -34,6 +34,7 @@ from .train import (
     autocast_dtype,
     is_spectralmoe,
     resolve_device,
+    spectralmoe_inputs,
     to_device,
     train_segmentation,
     trainable_parameters,
@@ -111,7 +112,7 @@ def _predictor(model: nn.Module, device: torch.device, dtype: Optional[torch.dty
     moe = is_spectralmoe(model)
 
     def predict(batch: dict) -> torch.Tensor:
-        extra = {"nodata_mask": batch["nodata_mask"]} if moe else None
+        extra = spectralmoe_inputs(batch) if moe else None
         with autocast(device, dtype):
             return segmentation_logits(model, batch, extra)
 

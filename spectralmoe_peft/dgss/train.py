@@ -24,6 +24,8 @@ from .models import segmentation_logits
 from .scenes import IGNORE_INDEX
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# sample keys that are SpectralMoE forward inputs (passed to a SpectralMoE model, not to a plain or LoRA one)
+SPECTRALMOE_INPUTS = ("nodata_mask", "depth_pixel_values", "depth_hidden_states", "elevation")
 
 
 def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
@@ -59,9 +61,22 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on ``device`` (asynchronous copies from pinned memory); other values as they are."""
-    return {key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
-            for key, value in batch.items()}
+    """The batch's tensors (and lists of tensors, as cached ``depth_hidden_states``) on ``device`` (asynchronous
+    copies from pinned memory); other values as they are."""
+
+    def move(value):
+        if isinstance(value, Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
+
+
+def spectralmoe_inputs(batch: dict) -> dict:
+    """The SpectralMoE-only inputs a batch carries (``nodata_mask``, cached ``depth_hidden_states``, ...)."""
+    return {key: batch[key] for key in SPECTRALMOE_INPUTS if batch.get(key) is not None}
 
 
 @dataclass
@@ -184,7 +199,8 @@ def train_segmentation(
     description: str = "training",
 ) -> TrainHistory:
     """Train the trainable parameters of ``model`` (adapter + ``modules_to_save``, or a head) on ``dataset``
-    samples ``{"pixel_values", "labels", "nodata_mask"}`` for ``config.steps`` steps, on ``config.device``.
+    samples ``{"pixel_values", "labels", "nodata_mask"}`` (optionally cached ``depth_hidden_states``, ...) for
+    ``config.steps`` steps, on ``config.device``.
 
     The model (with its depth model) is moved to the device and stays there; batches come from pinned memory on
     CUDA; the forward runs under bf16 autocast when ``config.precision`` asks for it; the loss is taken in fp32 and
@@ -219,7 +235,7 @@ def train_segmentation(
             batches = iter(loader)
             batch = next(batches)
         batch = to_device(batch, device)
-        extra = {"nodata_mask": batch["nodata_mask"]} if moe else None
+        extra = spectralmoe_inputs(batch) if moe else None
         with autocast(device, dtype):
             logits = segmentation_logits(model, batch, extra)
         task = segmentation_loss(logits, batch["labels"], config.ignore_index)

@@ -14,10 +14,18 @@ from transformers import EvalPrediction, Trainer, TrainingArguments
 from .evaluate import confusion_matrix, segmentation_metrics
 from .models import segmentation_logits
 from .scenes import IGNORE_INDEX
-from .train import is_spectralmoe, non_finite_loss_error, routing_health, routing_summary, segmentation_loss
+from .train import (
+    SPECTRALMOE_INPUTS,
+    is_spectralmoe,
+    non_finite_loss_error,
+    routing_health,
+    routing_summary,
+    segmentation_loss,
+    spectralmoe_inputs,
+)
 
 # sample keys the Trainer must hand to compute_loss although the base model's forward does not name them
-SAMPLE_KEYS = ("pixel_values", "labels", "nodata_mask", "depth_pixel_values", "depth_hidden_states", "elevation")
+SAMPLE_KEYS = ("pixel_values", "labels", *SPECTRALMOE_INPUTS)
 ROUTING_LOGS = ("compact", "full")
 
 
@@ -40,8 +48,15 @@ def paper_training_arguments(output_dir: str, **overrides: Any) -> TrainingArgum
 
 
 def collate_segmentation(samples: list[dict]) -> dict:
-    """Stack a list of ``{"pixel_values", "labels", "nodata_mask"}`` samples into a batch."""
-    return {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
+    """Stack a list of ``{"pixel_values", "labels", "nodata_mask"}`` samples into a batch; a list of per-layer
+    tensors (cached ``depth_hidden_states``) becomes a list of stacked layers."""
+
+    def stack(values: list):
+        if isinstance(values[0], (list, tuple)):
+            return [torch.stack(layer) for layer in zip(*values)]
+        return torch.stack(values)
+
+    return {key: stack([sample[key] for sample in samples]) for key in samples[0]}
 
 
 def argmax_logits(logits: torch.Tensor, labels: Any = None) -> torch.Tensor:
@@ -103,8 +118,7 @@ class SpectralMoETrainer(Trainer):
         moe = is_spectralmoe(self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model)
         batch = dict(inputs)
         labels = batch.pop("labels")
-        nodata = batch.pop("nodata_mask", None)
-        extra = {"nodata_mask": nodata} if moe and nodata is not None else None
+        extra = spectralmoe_inputs(batch) if moe else None
         logits = segmentation_logits(model, batch, extra)
         task = segmentation_loss(logits, labels, self.ignore_index)
         loss = task
