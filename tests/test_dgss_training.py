@@ -332,3 +332,19 @@ def test_cached_depth_features_reach_the_adapter_on_both_paths(tmp_path):
                                  train_dataset=samples, data_collator=collate_segmentation)
     trainer.train()
     assert received == [[(4, 16, 3, 5)] * 5] * 4
+
+
+def test_trainer_with_gradient_checkpointing_through_the_helper(tmp_path):
+    """docs/segmentation.md: with the Trainer, enable_gradient_checkpointing before train(); TrainingArguments'
+    gradient_checkpointing would ask UperNet itself, which refuses."""
+    model = upernet()
+    with pytest.raises(ValueError, match="does not support"):
+        SpectralMoETrainer(model=model, args=trainer_arguments(tmp_path, gradient_checkpointing=True, max_steps=1),
+                           train_dataset=dataset(4), data_collator=collate_segmentation).train()
+    vit = enable_gradient_checkpointing(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    SpectralMoETrainer(model=model, args=trainer_arguments(tmp_path, max_steps=1), train_dataset=dataset(4),
+                       data_collator=collate_segmentation).train()
+    assert vit.is_gradient_checkpointing
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("spectralmoe" in n for n in changed) and any("decode_head" in n for n in changed)
