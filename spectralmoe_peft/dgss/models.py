@@ -115,9 +115,10 @@ def find_backbone(model: nn.Module) -> nn.Module:
 
 
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> nn.Module:
-    """Turn on gradient checkpointing in the ViT of ``model`` (see :func:`find_backbone`) and return that ViT.
-    The SpectralMoE refinement runs inside each block's checkpoint. ``use_reentrant=False``: the reentrant variant
-    gives no gradient to the adapters when the block's input does not require one (a frozen patch embedding)."""
+    """Turn on gradient checkpointing in the ViT of ``model`` (see :func:`find_backbone`) and return that ViT; the
+    gradients are those without it. (transformers 5 checkpoints each block's ``forward``: the SpectralMoE
+    refinement, a forward hook on the block, keeps its activations.) ``use_reentrant=False`` is PyTorch's
+    recommended variant."""
     backbone = find_backbone(model)
     kwargs = {"use_reentrant": use_reentrant}
     if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
