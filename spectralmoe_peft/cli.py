@@ -29,6 +29,9 @@ def _demo_parser(subparsers) -> None:
     demo.add_argument("--top-k", type=int, default=1)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-crop", type=int, default=None, help="evaluate on a centred window of this size only")
+    demo.add_argument("--device", default=None,
+                      help="where to train and evaluate, e.g. cuda, cuda:1, cpu (default: cuda when available, else "
+                      "cpu); bf16 autocast on a CUDA device that supports it")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -50,8 +53,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 out=args.out, methods=tuple(args.methods), steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                 learning_rate=args.lr, backbone=args.backbone, depth_model=args.depth_model,
                 num_experts=args.num_experts, top_k=args.top_k, seed=args.seed, eval_crop=args.eval_crop,
-                progress=not args.no_progress,
+                progress=not args.no_progress, device=args.device,
             )
+        except ValueError as error:  # a bad option: say which, without a traceback
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        try:
             run_demo(config)
         except ImportError as error:
             print(f"error: {error}", file=sys.stderr)

@@ -50,6 +50,24 @@ def test_demo_end_to_end(tmp_path):
 def test_demo_config_rejects_unknown_methods():
     with pytest.raises(ValueError, match="Unknown methods"):
         DemoConfig(methods=("frozen", "prompt_tuning"))
+    with pytest.raises(ValueError, match="not a torch device"):
+        DemoConfig(device="gpu0")
+
+
+def test_demo_defaults_are_its_own_short_budget():
+    """docs/full_scale.md: the demo's defaults are a short run (500 steps, lr 5e-3); the paper's recipe is passed
+    explicitly. The CLI's defaults are DemoConfig's."""
+    import argparse
+
+    from spectralmoe_peft.cli import _demo_parser, main
+
+    config = DemoConfig()
+    assert (config.steps, config.learning_rate, config.batch_size, config.device) == (500, 5e-3, 8, None)
+    parser = argparse.ArgumentParser()
+    _demo_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo"])
+    assert (args.steps, args.lr, args.batch_size, args.device) == (500, 5e-3, 8, None)
+    assert main(["demo", "--device", "gpu0"]) == 2  # a bad option is an error message, not a traceback
 
 
 def test_demo_takes_local_backbone_and_depth_model_paths(tmp_path):

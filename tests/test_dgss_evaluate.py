@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +78,40 @@ def test_sliding_window_averages_overlaps_and_passes_nodata():
     # windows start at columns 0 and 4: columns 4..7 are covered by both (mean of 0 and 1)
     assert torch.all(logits[0, :, :4] == 0) and torch.all(logits[0, :, 4:8] == 0.5) and torch.all(logits[0, :, 8:] == 1)
     assert seen[0][1, :, -1].all() and not seen[0][0].any()
+
+
+def test_evaluation_takes_numpy_arrays_as_the_docs_snippet_passes_them():
+    """docs/segmentation.md's evaluation: a numpy scene, `nodata_mask=~scene.valid` (numpy bool) and uint8 labels
+    give the same result as tensors."""
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((1, 21, 30)).astype(np.float32)
+    valid = rng.random((21, 30)) > 0.1
+    labels = rng.integers(0, 3, (21, 30)).astype(np.uint8)
+    labels[~valid] = 255
+    seen = []
+
+    def predict(batch):
+        seen.append(batch["nodata_mask"])
+        return pixelwise(batch)
+
+    logits = sliding_window_logits(predict, image, num_classes=3, window=16, stride=8, nodata_mask=~valid)
+    expected = sliding_window_logits(pixelwise, torch.from_numpy(image), 3, window=16, stride=8,
+                                     nodata_mask=torch.from_numpy(~valid))
+    torch.testing.assert_close(logits, expected)
+    assert all(mask.dtype == torch.bool for mask in seen) and any(mask.any() for mask in seen)
+    prediction = logits.argmax(0)
+    numpy_metrics = segmentation_metrics(confusion_matrix(prediction.numpy(), labels, 3), ["a", "b", "c"])
+    torch_metrics = segmentation_metrics(confusion_matrix(prediction, torch.from_numpy(labels).long(), 3),
+                                         ["a", "b", "c"])
+    assert numpy_metrics == torch_metrics and numpy_metrics["labelled_pixels"] == int(valid.sum())
+    reference = reference_confusion(prediction, torch.from_numpy(labels).long(), 3)
+    assert torch.equal(confusion_matrix(prediction, labels, 3), reference)
+
+
+def test_evaluation_rejects_what_it_cannot_read():
+    with pytest.raises(TypeError, match="labels: expected class ids"):
+        confusion_matrix(torch.zeros(4, dtype=torch.long), np.zeros(4, np.float32), 2)
+    with pytest.raises(TypeError, match="prediction: expected a torch.Tensor or numpy array, got list"):
+        confusion_matrix([0, 1], torch.zeros(2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="nodata_mask has shape"):
+        sliding_window_logits(pixelwise, torch.zeros(1, 8, 8), 3, window=4, nodata_mask=np.zeros((8, 9), bool))

@@ -4,6 +4,7 @@ Methods, all on the same frozen backbone and decode head, the same crops and the
 ``frozen`` (only the head trains), ``lora`` (r=16 on q/v), ``spectralmoe_visual`` (use_depth=False) and
 ``spectralmoe_depth`` (the full method, with a frozen depth model on R, G, B). Writes ``results.json``, a table,
 figures, the adapters, a GeoTIFF of a target prediction, then reloads an adapter and checks it predicts the same.
+Runs on ``DemoConfig.device`` (CUDA when available, else the CPU), in bf16 autocast on a CUDA device that supports it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ from ..depth import depth_hidden_size
 from .models import TINY, build_depth_model, build_upernet, segmentation_logits
 from .scenes import CLASSES, IGNORE_INDEX, RGB_BAND_INDICES, Scene, load_landsat7_nc, load_sentinel2_brandenburg
 from .tiles import BandStats, RandomCrops, normalize
-from .train import TrainConfig, TrainHistory, is_spectralmoe, train_segmentation, trainable_parameters
+from .train import (
+    TrainConfig,
+    TrainHistory,
+    autocast,
+    autocast_dtype,
+    is_spectralmoe,
+    resolve_device,
+    spectralmoe_inputs,
+    to_device,
+    train_segmentation,
+    trainable_parameters,
+)
 
 METHODS = ("frozen", "lora", "spectralmoe_visual", "spectralmoe_depth")
 RANDOM_INIT_NOTE = (
@@ -53,6 +65,7 @@ class DemoConfig:
     source_holdout: float = 0.25  # right-hand share of the source scene kept out of training
     eval_crop: Optional[int] = None  # evaluate on a centred window of this size only (quick runs)
     progress: bool = True
+    device: Optional[str] = None  # None: CUDA when available, else the CPU
     scenes: Optional[tuple[Scene, Scene]] = field(default=None, repr=False)  # (source, target); default: the pair
 
     def __post_init__(self) -> None:
@@ -61,6 +74,7 @@ class DemoConfig:
             raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
         if not 0 < self.source_holdout < 1:
             raise ValueError(f"source_holdout must be in (0, 1); got {self.source_holdout}.")
+        resolve_device(self.device)
 
 
 def _centre(scene: Scene, size: Optional[int]) -> Scene:
@@ -93,20 +107,24 @@ def _wrap(method: str, base: nn.Module, to_save: list[str], config: DemoConfig, 
     return get_peft_model(base, moe)
 
 
-def _predictor(model: nn.Module) -> Callable[[dict], torch.Tensor]:
+def _predictor(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> Callable[[dict], torch.Tensor]:
+    """Logits of a batch already on ``device``, under the training precision's autocast."""
     moe = is_spectralmoe(model)
 
     def predict(batch: dict) -> torch.Tensor:
-        extra = {"nodata_mask": batch["nodata_mask"]} if moe else None
-        return segmentation_logits(model, batch, extra)
+        extra = spectralmoe_inputs(batch) if moe else None
+        with autocast(device, dtype):
+            return segmentation_logits(model, batch, extra)
 
     return predict
 
 
-def _evaluate(model: nn.Module, scene: Scene, stats: BandStats, config: DemoConfig) -> tuple[dict, np.ndarray]:
+def _evaluate(model: nn.Module, scene: Scene, stats: BandStats, config: DemoConfig, device: torch.device,
+              dtype: Optional[torch.dtype]) -> tuple[dict, np.ndarray]:
     image = torch.from_numpy(normalize(scene, stats))
-    logits = sliding_window_logits(_predictor(model), image, len(CLASSES), window=config.crop, stride=config.crop,
-                                   nodata_mask=torch.from_numpy(~scene.valid), progress=config.progress)
+    logits = sliding_window_logits(_predictor(model, device, dtype), image, len(CLASSES), window=config.crop,
+                                   stride=config.crop, nodata_mask=torch.from_numpy(~scene.valid),
+                                   progress=config.progress, device=device)
     prediction = logits.argmax(0)
     confusion = confusion_matrix(prediction, torch.from_numpy(scene.labels.astype(np.int64)), len(CLASSES))
     metrics = segmentation_metrics(confusion, CLASSES)
@@ -118,15 +136,16 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def _routing_maps(model: nn.Module, batch: dict) -> dict[str, np.ndarray]:
+def _routing_maps(model: nn.Module, batch: dict, device: torch.device,
+                  dtype: Optional[torch.dtype]) -> dict[str, np.ndarray]:
     """Top-1 expert of each patch token of the first image, per block (visual stream), as (H, W) maps."""
     with torch.no_grad():
-        segmentation_logits(model, batch, {"nodata_mask": batch["nodata_mask"]})
+        _predictor(model, device, dtype)(to_device(batch, device))
     maps = {}
     for block, streams in model.base_model.get_routing_stats().items():
         stats = streams["visual"]
         height, width = stats.grid
-        maps[f"block {block}"] = stats.topk_indices[0, :, 0].reshape(height, width).numpy()
+        maps[f"block {block}"] = stats.topk_indices[0, :, 0].reshape(height, width).cpu().numpy()
     return maps
 
 
@@ -144,7 +163,11 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    device = resolve_device(config.device)
+    dtype = autocast_dtype(device)
+    precision = "fp32" if dtype is None else "bf16 autocast"
     print(f"Note: {RANDOM_INIT_NOTE}\n")
+    print(f"device: {device} ({precision})\n")
     source, target = config.scenes or (load_landsat7_nc(), load_sentinel2_brandenburg())
     if source.num_bands != target.num_bands:
         raise ValueError(f"Source has {source.num_bands} bands, target {target.num_bands}: they must match.")
@@ -163,8 +186,9 @@ def run_demo(config: DemoConfig) -> dict:
     features = depth_hidden_size(depth_model)
     if features is None:
         raise ValueError(f"Cannot tell the feature width of the depth model {type(depth_model).__name__}.")
+    # the demo's own short budget (the paper's 40k steps are TrainConfig's default)
     train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                               seed=config.seed, log_every=max(1, config.steps // 30))
+                               seed=config.seed, log_every=max(1, config.steps // 30), device=str(device))
     results, histories = {}, {}
     for method in config.methods:
         base, to_save = build_upernet(source.num_bands, len(CLASSES), config.backbone, config.crop, seed=config.seed)
@@ -172,9 +196,9 @@ def run_demo(config: DemoConfig) -> dict:
         if method == "spectralmoe_depth":
             model.set_depth_model(depth_model)
         history = train_segmentation(model, crops, train_config, progress=config.progress, description=method)
-        source_metrics, _ = _evaluate(model, source_eval, source_stats, config)
+        source_metrics, _ = _evaluate(model, source_eval, source_stats, config, device, dtype)
         evaluated = time.perf_counter()
-        target_metrics, target_prediction = _evaluate(model, target_eval, target_stats, config)
+        target_metrics, target_prediction = _evaluate(model, target_eval, target_stats, config, device, dtype)
         results[method] = {
             "trainable_parameters": _count(model),
             "train_seconds": round(history.seconds, 2),
@@ -197,11 +221,13 @@ def run_demo(config: DemoConfig) -> dict:
               f"{history.seconds:.0f} s")
 
     method, model, target_prediction = kept
-    figures = _figures(out, model, method, histories, target_eval, target_stats, target_prediction, config)
+    figures = _figures(out, model, method, histories, target_eval, target_stats, target_prediction, config, device,
+                       dtype)
     geotiff = _write_geotiff(out, target_eval, target_prediction, method)
-    reload = _check_reload(out, method, model, target_eval, target_stats, config, depth_model)
+    reload = _check_reload(out, method, model, target_eval, target_stats, config, depth_model, device, dtype)
     summary = {
         "note": RANDOM_INIT_NOTE,
+        "device": str(device), "precision": precision,
         "source": source.name, "target": target.name, "classes": list(CLASSES), "ignore_index": IGNORE_INDEX,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "scenes"},
         "methods": results,
@@ -220,7 +246,8 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 def _figures(out: Path, model: nn.Module, method: str, histories: dict[str, TrainHistory], scene: Scene,
-             stats: BandStats, prediction: np.ndarray, config: DemoConfig) -> list[Path]:
+             stats: BandStats, prediction: np.ndarray, config: DemoConfig, device: torch.device,
+             dtype: Optional[torch.dtype]) -> list[Path]:
     from .plots import plot_routing_map, plot_training_curves
 
     figures = [plot_training_curves(out / "training_curves.png", histories)]
@@ -230,7 +257,7 @@ def _figures(out: Path, model: nn.Module, method: str, histories: dict[str, Trai
         crop = scene.crop(*window)
         image = torch.from_numpy(normalize(crop, stats))[None]
         batch = {"pixel_values": image, "nodata_mask": torch.from_numpy(~crop.valid)[None]}
-        maps = _routing_maps(model, batch)
+        maps = _routing_maps(model, batch, device, dtype)
         figures.append(plot_routing_map(
             out / "routing_map.png", crop.image, crop.labels, prediction[window], maps, config.num_experts, CLASSES,
             title=f"{method} on the unseen target ({scene.name}): top-1 expert per patch token, visual stream",
@@ -261,22 +288,23 @@ def _write_geotiff(out: Path, scene: Scene, prediction: np.ndarray, method: str)
 
 
 def _check_reload(out: Path, method: str, model: nn.Module, scene: Scene, stats: BandStats, config: DemoConfig,
-                  depth_model: nn.Module) -> dict:
+                  depth_model: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> dict:
     """Load the saved adapter onto a freshly built base model and compare predictions on target windows."""
     size = min(config.crop, *scene.labels.shape)
     image = torch.from_numpy(normalize(scene, stats))
     batch = {"pixel_values": torch.stack([image[:, :size, :size], image[:, -size:, -size:]]),
              "nodata_mask": torch.from_numpy(np.stack([~scene.valid[:size, :size], ~scene.valid[-size:, -size:]]))}
-    predict = _predictor(model)
+    batch = to_device(batch, device)
     with torch.no_grad():
-        expected = predict(batch)
+        expected = _predictor(model, device, dtype)(batch)
     if not isinstance(model, PeftModel):
         return {"method": method, "identical": True, "checked": "not an adapter"}
     base, _ = build_upernet(scene.num_bands, len(CLASSES), config.backbone, config.crop, seed=config.seed)
     reloaded = PeftModel.from_pretrained(base, out / "adapters" / method).eval()
     if is_spectralmoe(reloaded) and reloaded.peft_config["default"].use_depth:
         reloaded.set_depth_model(depth_model)
+    reloaded.to(device)  # with its depth model
     with torch.no_grad():
-        actual = _predictor(reloaded)(batch)
+        actual = _predictor(reloaded, device, dtype)(batch)
     return {"method": method, "identical": bool(torch.equal(actual, expected)),
             "max_abs_logit_difference": float((actual - expected).abs().max())}

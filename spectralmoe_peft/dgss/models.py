@@ -15,6 +15,11 @@ from torch import Tensor, nn
 from ..bands import widen_patch_embedding
 from ..depth import load_depth_model
 
+try:  # transformers >= 5
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:  # pragma: no cover - transformers 4
+    from transformers.utils.backbone_utils import BackboneMixin
+
 TINY = "tiny"  # the built-in random backbone / depth model
 
 
@@ -90,3 +95,34 @@ def segmentation_logits(model: nn.Module, batch: dict[str, Tensor], extra_inputs
     if logits.shape[-2:] != size:
         logits = nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return logits
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The ViT inside a segmentation model (or a PeftModel of one): ``model.backbone`` for UperNet / DPT,
+    ``model.model.pixel_level_module.encoder`` for Mask2Former (found as its ``BackboneMixin`` submodule), the model
+    itself for a bare ViT. This is where gradient checkpointing goes: the heads do not support it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        return backbone
+    for module in base.modules():
+        if isinstance(module, BackboneMixin):
+            return module
+    if getattr(base, "supports_gradient_checkpointing", False):
+        return base
+    raise ValueError(f"No ViT backbone found in {type(base).__name__}: expected a `.backbone`, a transformers "
+                     "backbone submodule, or a model that supports gradient checkpointing itself.")
+
+
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> nn.Module:
+    """Turn on gradient checkpointing in the ViT of ``model`` (see :func:`find_backbone`) and return that ViT; the
+    gradients are those without it. (transformers 5 checkpoints each block's ``forward``: the SpectralMoE
+    refinement, a forward hook on the block, keeps its activations.) ``use_reentrant=False`` is PyTorch's
+    recommended variant."""
+    backbone = find_backbone(model)
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return backbone
