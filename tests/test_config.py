@@ -211,3 +211,19 @@ def test_a_config_saved_by_release_0_1_0_still_loads(tmp_path):
     assert {k: v for k, v in loaded.to_dict().items() if k != "peft_version"} == {
         k: v for k, v in SpectralMoEConfig().to_dict().items() if k != "peft_version"
     }
+
+
+def test_docs_api_lists_every_field():
+    """docs/api.md says it documents every field: each of SpectralMoEConfig's own fields has a row in its table."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    section = text[text.index("## `SpectralMoEConfig`"):]
+    section = section[: section.index("\n## ", 1)]
+    documented = {name for row in section.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    own = {f.name for f in dataclasses.fields(SpectralMoEConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    assert own - documented == set(), f"fields missing from docs/api.md: {sorted(own - documented)}"
+    assert documented - own == set(), f"docs/api.md documents fields that do not exist: {sorted(documented - own)}"
