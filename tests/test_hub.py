@@ -156,3 +156,51 @@ def test_a_card_problem_never_costs_the_weights(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="ZeroDivisionError"):
         model.save_pretrained(tmp_path / "again")
     assert (tmp_path / "again" / "adapter_model.safetensors").exists()
+
+
+def test_a_depth_model_named_by_the_config_is_loaded_on_the_first_forward_and_its_normalization_wins(tmp_path):
+    """docs/sharing.md: the config's depth_model_name_or_path chooses the model that runs, and its preprocessor's
+    mean/std replace the config's; an attached depth model is used as is, and nothing is loaded."""
+    import json
+
+    depth_dir = tmp_path / "depth"
+    make_depth_model().save_pretrained(depth_dir)
+    (depth_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3],
+                                                                    "image_std": [0.6, 0.5, 0.4]}))
+    config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, depth_hidden_size=48,
+                               depth_model_name_or_path=str(depth_dir))
+    model = get_peft_model(make_model(), config).eval()
+    assert model.base_model.depth_model is None
+    with torch.no_grad():
+        model(pixel_values=torch.rand(1, 3, 32, 32))
+    assert model.base_model.depth_model is not None
+    assert (config.depth_image_mean, config.depth_image_std) == ([0.1, 0.2, 0.3], [0.6, 0.5, 0.4])
+
+    config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, depth_hidden_size=48,
+                               depth_model_name_or_path=str(tmp_path / "not-there"))
+    model = get_peft_model(make_model(), config).eval()
+    attached = make_depth_model()
+    model.set_depth_model(attached)
+    with torch.no_grad():
+        model(pixel_values=torch.rand(1, 3, 32, 32))  # would raise if it tried to load "not-there"
+    assert model.base_model.depth_model is attached and config.depth_image_mean == [0.485, 0.456, 0.406]
+
+
+def test_a_depth_model_that_needs_its_own_code_is_refused_and_its_code_never_runs(tmp_path):
+    """trust_remote_code stays off: a config naming a repository with custom code cannot make that code run (with
+    trust_remote_code=True, transformers would import evil.py and write the marker)."""
+    import json
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "code-ran"
+    (evil / "config.json").write_text(json.dumps({
+        "model_type": "evil-depth", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+                                                  "AutoModelForDepthEstimation": "evil.EvilModel"}}))
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, depth_model_name_or_path=str(evil))
+    model = get_peft_model(make_model(), config).eval()
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        with torch.no_grad():
+            model(pixel_values=torch.rand(1, 3, 32, 32))
+    assert not marker.exists()
