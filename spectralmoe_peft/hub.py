@@ -131,7 +131,7 @@ def model_card_section(model: Any, adapter_name: str = "default") -> str:
         "### Load it",
         "",
         "```python",
-        "import spectralmoe_peft  # first: registers the SpectralMoE method with peft (loading fails without it)",
+        "import spectralmoe_peft  # registers SpectralMoE with peft (pip installs also do it on first load)",
         "from peft import PeftModel",
         "from transformers import AutoModel",
         "",
