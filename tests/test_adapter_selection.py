@@ -21,7 +21,7 @@ def features(model, x):
 
 # names that are also parts of the tensors' keys (block index, module names), or a parameter's own name
 @pytest.mark.parametrize("name", ["1", "0", "model", "encoder", "layer", "weight", "bias", "spectralmoe_A",
-                                  "spectralmoe_scale", "base_model"])
+                                  "spectralmoe_scale", "base_model", "spectralmoe", "e"])
 def test_adapter_names_that_occur_in_the_keys_load_next_to_another_adapter(tmp_path, name):
     x = torch.randn(2, 3, 32, 32)
     base = make_model()  # seeds itself: the adapters' seeds follow
