@@ -227,3 +227,10 @@ def test_docs_api_lists_every_field():
     own = {f.name for f in dataclasses.fields(SpectralMoEConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
     assert own - documented == set(), f"fields missing from docs/api.md: {sorted(own - documented)}"
     assert documented - own == set(), f"docs/api.md documents fields that do not exist: {sorted(documented - own)}"
+
+
+def test_a_path_object_names_the_depth_model_as_text():
+    from pathlib import Path
+
+    assert SpectralMoEConfig(depth_model_name_or_path=Path("models") / "depth").depth_model_name_or_path == str(
+        Path("models") / "depth")
