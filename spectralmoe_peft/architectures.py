@@ -28,6 +28,11 @@ PREFIX_TOKENS: dict[str, Callable[[Any], int]] = {
     "data2vec-vision": lambda c: 1,
 }
 SUPPORTED_FAMILIES = sorted(PREFIX_TOKENS)
+SUPPORTED = (
+    f"Supported: plain (isotropic) ViTs of the families {SUPPORTED_FAMILIES} (ViT, DeiT, DINOv2 with or without "
+    "registers, DINOv3, CLIP/SigLIP vision towers, BEiT), as bare models, *ForImageClassification, or the backbone "
+    "of a segmentation model (UperNet or Mask2Former with a DINOv2/DINOv3 backbone)."
+)
 _ATTENTION_NAMES = ("attention", "attn")
 
 
@@ -110,6 +115,21 @@ def _vision_config(model: nn.Module, path: str) -> Any:
     return fallback
 
 
+def _hierarchical_reason(model: nn.Module, path: str, config: Any) -> Optional[str]:
+    """Why the backbone at ``path`` is hierarchical (stages of other widths and grids), or None for a plain ViT."""
+    for candidate in (config, getattr(config, "backbone_config", None), getattr(config, "vision_config", None)):
+        for name in ("depths", "hidden_sizes"):  # Swin, SwinV2, SegFormer, PVT, Hiera, FocalNet, ConvNeXt...
+            value = getattr(candidate, name, None) if candidate is not None else None
+            if isinstance(value, (list, tuple)) and len(value) > 0:
+                kind = getattr(candidate, "model_type", type(candidate).__name__)
+                return f"its config ({kind}) describes stages ({name}={list(value)})"
+    blocks = model.get_submodule(path)
+    nested = [name for name, module in _unwrap(blocks[0]).named_modules() if name and _is_block_list(module)]
+    if nested:
+        return f"each of its blocks at '{path}' holds further blocks ('{nested[0]}')"
+    return None
+
+
 def find_block_stack(model: nn.Module, num_prefix_tokens: Optional[int] = None) -> BlockStack:
     """Locate the ViT blocks of ``model`` (a bare HF ViT or a model wrapping one).
 
@@ -119,7 +139,7 @@ def find_block_stack(model: nn.Module, num_prefix_tokens: Optional[int] = None) 
     if not candidates:
         raise ValueError(
             f"SpectralMoE found no ViT blocks in {type(model).__name__}: expected an nn.ModuleList of attention "
-            f"blocks (a HF ViT of family {SUPPORTED_FAMILIES}, or a model wrapping one)."
+            f"blocks (convolutional backbones such as ConvNeXt or ResNet have none). {SUPPORTED}"
         )
     patch_embeddings = [name for name, module in model.named_modules() if _is_patch_embedding(module)]
     if patch_embeddings:
@@ -134,11 +154,18 @@ def find_block_stack(model: nn.Module, num_prefix_tokens: Optional[int] = None) 
     if config is None:
         raise ValueError(f"SpectralMoE needs a HF config on the ViT at '{path}' to read its width and patch size.")
     model_type = getattr(config, "model_type", "unknown")
+    reason = _hierarchical_reason(model, path, config) if model_type not in PREFIX_TOKENS else None
+    if reason is not None:  # no num_prefix_tokens can fix this: say so instead of suggesting it
+        raise ValueError(
+            f"SpectralMoE does not support hierarchical backbones such as {type(model).__name__} ({model_type}): "
+            f"{reason}. The adapter refines one token grid of one width after every block, which a backbone whose "
+            f"stages change width and resolution does not have. {SUPPORTED}"
+        )
     if num_prefix_tokens is None:
         if model_type not in PREFIX_TOKENS:
             raise ValueError(
                 f"SpectralMoE does not know how many prefix tokens (CLS, registers) the ViT family {model_type!r} "
-                f"has: set SpectralMoEConfig.num_prefix_tokens, or use one of {SUPPORTED_FAMILIES}."
+                f"has. If it is a plain (isotropic) ViT, set SpectralMoEConfig.num_prefix_tokens. {SUPPORTED}"
             )
         num_prefix_tokens = PREFIX_TOKENS[model_type](config)
     hidden_size = getattr(config, "hidden_size", None)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -147,8 +150,6 @@ class SpectralMoEConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SPECTRALMOE
-        if isinstance(self.target_modules, list):
-            self.target_modules = list(self.target_modules)
         self._validate()
 
     def resolved_rgb_band_indices(self) -> list[int]:
@@ -156,112 +157,207 @@ class SpectralMoEConfig(PeftConfig):
         if self.rgb_band_indices is not None:
             return list(self.rgb_band_indices)
         if self.band_wavelengths_nm is not None:
-            wavelengths = self.band_wavelengths_nm
-            return [min(range(len(wavelengths)), key=lambda i: abs(wavelengths[i] - t)) for t in RGB_WAVELENGTHS_NM]
+            return _nearest_bands(self.band_wavelengths_nm)
         return [0, 1, 2]
 
     def _validate(self) -> None:
+        """Check every field's type and range, so a mistake surfaces here and not as a wrong result later.
+
+        Values are normalized to what JSON gives back (lists, plain int/float), so a saved config reloads equal:
+        peft builds configs from ``adapter_config.json`` through this same constructor.
+        """
+
         def check(ok: bool, name: str, message: str) -> None:
             if not ok:
                 raise ValueError(f"SpectralMoEConfig.{name}: {message} (got {getattr(self, name)!r}).")
 
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        check(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "must be an integer >= 1")
+        # --- experts and routing
+        for name, low, why in (
+            ("num_experts", 1, ""),
+            ("expert_rank", 1, ""),
+            ("num_tokens", 2, " (token 1 is the sink, at least one more carries content)"),
+        ):
+            value = getattr(self, name)
+            check(_is_int(value) and value >= low, name, f"must be an integer >= {low}{why}")
+            setattr(self, name, int(value))
         check(
-            is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
+            _is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
             "top_k",
             f"must be an integer in [1, num_experts={self.num_experts}]",
         )
-        check(is_int(self.expert_rank) and self.expert_rank >= 1, "expert_rank", "must be an integer >= 1")
+        self.top_k = int(self.top_k)
+        for name in ("noisy_gating", "share_gates", "use_depth", "aux_loss_in_graph", "keep_routing_stats"):
+            # "no" or "off" would be truthy: refuse, not guess
+            check(isinstance(getattr(self, name), bool), name, "must be True or False")
+        for name, choices in (("gating", GATING_TYPES), ("fusion", FUSION_TYPES), ("depth_source", DEPTH_SOURCES)):
+            value = getattr(self, name)
+            check(isinstance(value, str) and value in choices, name, f"must be one of {choices}")
+
+        # --- update, initialization and losses
+        init = self.init_weights
+        check(isinstance(init, bool) or (isinstance(init, str) and init == "paper"), "init_weights",
+              "must be True, False or 'paper'")
+        check(_is_number(self.scale_init) and math.isfinite(self.scale_init), "scale_init", "must be a finite number")
         check(
-            is_int(self.num_tokens) and self.num_tokens >= 2,
-            "num_tokens",
-            "must be an integer >= 2 (token 1 is the sink, at least one more carries content)",
-        )
-        check(self.gating in GATING_TYPES, "gating", f"must be one of {GATING_TYPES}")
-        check(self.fusion in FUSION_TYPES, "fusion", f"must be one of {FUSION_TYPES}")
-        check(self.init_weights in (True, False, "paper"), "init_weights", "must be True, False or 'paper'")
-        check(
-            isinstance(self.scale_init, (int, float)) and math.isfinite(self.scale_init),
+            self.scale_init != 0 or init is not True,
             "scale_init",
-            "must be a finite number",
+            "must be non-zero with init_weights=True: W_delta starts at zero, so s = 0 would give every adapter "
+            "weight a zero gradient forever and the adapter would never train. Use a small value such as the "
+            "default 1e-3, or init_weights='paper' (W_delta not zero, so s trains from 0)",
         )
+        self.scale_init = float(self.scale_init)
         for name in ("balance_loss_weight", "switch_loss_weight", "router_z_loss_weight"):
             value = getattr(self, name)
-            check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, "must be >= 0")
-        for name in ("aux_loss_in_graph", "keep_routing_stats"):
-            check(isinstance(getattr(self, name), bool), name, "must be True or False")
-        check(self.depth_source in DEPTH_SOURCES, "depth_source", f"must be one of {DEPTH_SOURCES}")
+            check(_is_number(value) and math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")
+            setattr(self, name, float(value))
+
+        # --- depth stream
+        path = self.depth_model_name_or_path
+        if isinstance(path, os.PathLike):
+            path = self.depth_model_name_or_path = os.fspath(path)
+        check(path is None or (isinstance(path, str) and path.strip() != ""), "depth_model_name_or_path",
+              "must be None or a Hub id / local path")
         bands = self.rgb_band_indices
         check(
             bands is None
             or (
                 isinstance(bands, (list, tuple))
                 and len(bands) == 3
-                and all(is_int(b) and b >= 0 for b in bands)
+                and all(_is_int(b) and b >= 0 for b in bands)
                 and len(set(bands)) == 3
             ),
             "rgb_band_indices",
-            "must be three distinct non-negative channel indices (R, G, B)",
+            "must be None or three distinct non-negative channel indices (R, G, B)",
         )
-        self.rgb_band_indices = None if bands is None else list(bands)
+        if bands is not None:
+            self.rgb_band_indices = [int(b) for b in bands]
         wavelengths = self.band_wavelengths_nm
         check(
             wavelengths is None
             or (
                 isinstance(wavelengths, (list, tuple))
                 and len(wavelengths) >= 3
-                and all(isinstance(w, (int, float)) and w > 0 for w in wavelengths)
+                and all(_is_number(w) and math.isfinite(w) and w > 0 for w in wavelengths)
             ),
             "band_wavelengths_nm",
             "must be None or one positive wavelength (nm) per input band, at least 3",
         )
         if wavelengths is not None:
             self.band_wavelengths_nm = [float(w) for w in wavelengths]
-            if bands is not None and max(bands) >= len(wavelengths):
-                check(False, "rgb_band_indices", f"is out of range for {len(wavelengths)} bands with wavelengths")
-        if bands is None and wavelengths is not None:
-            resolved = self.resolved_rgb_band_indices()
-            check(
-                len(set(resolved)) == 3,
-                "band_wavelengths_nm",
-                f"has no distinct bands near 665/560/490 nm (picked {resolved}); set rgb_band_indices",
-            )
+            nearest = _nearest_bands(self.band_wavelengths_nm)
+            if bands is None:
+                check(
+                    len(set(nearest)) == 3,
+                    "band_wavelengths_nm",
+                    f"has no distinct bands near 665/560/490 nm (picked {nearest}); set rgb_band_indices instead",
+                )
+            else:
+                check(max(bands) < len(wavelengths), "rgb_band_indices",
+                      f"is out of range for the {len(wavelengths)} bands of band_wavelengths_nm")
+                # both given and disagreeing: one would silently win; agreeing (e.g. both recorded) is harmless
+                check(
+                    self.rgb_band_indices == nearest,
+                    "band_wavelengths_nm",
+                    f"picks bands {nearest} for R, G, B (nearest 665/560/490 nm), but rgb_band_indices="
+                    f"{self.rgb_band_indices} was given too. Give only one of them: rgb_band_indices alone chooses "
+                    "the bands; band_wavelengths_nm alone picks those nearest the R, G, B wavelengths",
+                )
         nodata = self.nodata_value
         check(
-            nodata is None or isinstance(nodata, (int, float)) or (
-                isinstance(nodata, (list, tuple)) and all(isinstance(v, (int, float)) for v in nodata)
-            ),
+            nodata is None or _is_number(nodata) or (_is_numbers(nodata) and len(nodata) >= 1),
             "nodata_value",
-            "must be None, a number, or one number per band",
+            "must be None, a number (NaN allowed), or one number per band",
         )
-        for name in ("depth_image_mean", "depth_image_std"):
-            value = getattr(self, name)
-            check(isinstance(value, (list, tuple)) and len(value) == 3, name, "must have 3 values (R, G, B)")
-            setattr(self, name, [float(v) for v in value])
-        check(all(v > 0 for v in self.depth_image_std), "depth_image_std", "must be positive")
+        if nodata is not None:
+            self.nodata_value = float(nodata) if _is_number(nodata) else [float(v) for v in nodata]
         for name in ("depth_input_rescale", "depth_input_offset"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                check(len(value) == 3, name, "must be one number or 3 numbers (R, G, B)")
-                setattr(self, name, [float(v) for v in value])
-            else:
-                check(isinstance(value, (int, float)), name, "must be one number or 3 numbers (R, G, B)")
-        for name in ("depth_hidden_size",):
+            check(
+                (_is_number(value) and math.isfinite(value))
+                or (_is_numbers(value) and len(value) == 3 and all(math.isfinite(v) for v in value)),
+                name,
+                "must be one finite number or 3 finite numbers (R, G, B)",
+            )
+            setattr(self, name, float(value) if _is_number(value) else [float(v) for v in value])
+        rescale = self.depth_input_rescale
+        check(all(v != 0 for v in (rescale if isinstance(rescale, list) else [rescale])), "depth_input_rescale",
+              "must be non-zero (a zero factor erases the band)")
+        for name in ("depth_image_mean", "depth_image_std"):
             value = getattr(self, name)
-            check(value is None or (is_int(value) and value >= 1), name, "must be None or an integer >= 1")
+            check(_is_numbers(value) and len(value) == 3 and all(math.isfinite(v) for v in value), name,
+                  "must be 3 finite numbers (R, G, B)")
+            setattr(self, name, [float(v) for v in value])
+        check(all(v > 0 for v in self.depth_image_std), "depth_image_std", "must be 3 positive numbers")
+        value = self.depth_hidden_size
+        check(value is None or (_is_int(value) and value >= 1), "depth_hidden_size", "must be None or an integer >= 1")
         for name in ("num_prefix_tokens", "depth_num_prefix_tokens"):
             value = getattr(self, name)
-            check(value is None or (is_int(value) and value >= 0), name, "must be None or an integer >= 0")
+            check(value is None or (_is_int(value) and value >= 0), name, "must be None or an integer >= 0")
+        for name in ("depth_hidden_size", "num_prefix_tokens", "depth_num_prefix_tokens"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+
+        # --- where to apply
+        for name, allow_empty in (("target_modules", False), ("exclude_modules", True)):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                check(value != "" and _compiles(value), name, "must be a valid regular expression (or a list of names)")
+                continue
+            check(
+                value is None
+                or (
+                    isinstance(value, (list, tuple, set, frozenset))
+                    and (allow_empty or len(value) > 0)
+                    and all(isinstance(v, str) and v for v in value)
+                ),
+                name,
+                "must be None, a regular expression, or a non-empty list of module names",
+            )
+            if value is not None:
+                setattr(self, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
         layers = self.layers_to_transform
         check(
             layers is None
-            or (is_int(layers) and layers >= 0)
-            or (isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)),
+            or (_is_int(layers) and layers >= 0)
+            or (isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(i) and i >= 0 for i in layers)),
             "layers_to_transform",
-            "must be None, a block index or a list of block indices",
+            "must be None, a block index or a non-empty list of block indices (0-based)",
         )
-        if isinstance(layers, tuple):
-            self.layers_to_transform = list(layers)
+        if layers is not None:
+            self.layers_to_transform = int(layers) if _is_int(layers) else [int(i) for i in layers]
+        value = self.modules_to_save
+        check(not isinstance(value, str), "modules_to_save", f"must be a list of module names, e.g. [{value!r}]")
+        check(
+            value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)),
+            "modules_to_save",
+            "must be None or a list of module names, e.g. ['decode_head']",
+        )
+        if value is not None:
+            self.modules_to_save = list(value)
+
+
+def _is_int(value: object) -> bool:
+    """Integers, numpy's included; not bool (True would pass as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """Real numbers, numpy's included; not bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_numbers(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _nearest_bands(wavelengths: list[float]) -> list[int]:
+    """Indices of the bands nearest 665, 560 and 490 nm (R, G, B)."""
+    return [min(range(len(wavelengths)), key=lambda i: abs(wavelengths[i] - t)) for t in RGB_WAVELENGTHS_NM]

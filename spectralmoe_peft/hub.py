@@ -8,7 +8,10 @@ on each save. Facts peft cannot know are set once with :func:`set_model_card_inf
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 START, END = "<!-- spectralmoe-peft:start -->", "<!-- spectralmoe-peft:end -->"
@@ -28,16 +31,73 @@ def set_model_card_info(
     notes: Optional[str] = None,
 ) -> None:
     """Record what the card should say about ``model`` (a PeftModel with SpectralMoE adapters); None keeps a value
-    set earlier. ``metrics``: e.g. ``{"source mIoU": 0.71, "target mIoU": 0.52}``."""
+    set earlier. ``metrics``: e.g. ``{"source mIoU": 0.71, "target mIoU": 0.52}``.
+
+    Checked here, all or nothing, so that a mistake surfaces at this call and not in the next ``save_pretrained``.
+    """
     tuner = getattr(model, "base_model", model)
+    if not hasattr(tuner, "peft_config") or not hasattr(model, "peft_config"):
+        raise TypeError(
+            f"set_model_card_info(model=...): expects the PeftModel that get_peft_model or PeftModel.from_pretrained "
+            f"returned; got {type(model).__name__}."
+        )
+    _check_text("base_model", base_model)
+    _check_text("depth_model", depth_model)
+    _check_text("notes", notes)
+    _check_names("bands", bands, "band names, e.g. ['B02', 'B03', 'B04']")
+    _check_names("classes", classes, "class names, e.g. ['water', 'forest'] (for numbered classes: "
+                                     "[str(c) for c in classes])")
+    _check_names("datasets", datasets, "dataset names or descriptions")
+    if wavelengths_nm is not None and not (
+        _is_sequence(wavelengths_nm)
+        and all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                for w in wavelengths_nm)
+    ):
+        raise TypeError(
+            f"set_model_card_info(wavelengths_nm=...): must be a list of positive numbers (nm), one per band; "
+            f"got {wavelengths_nm!r}."
+        )
+    if metrics is not None and not (
+        isinstance(metrics, Mapping)
+        and all(isinstance(k, str) for k in metrics)
+        and all(isinstance(v, (str, numbers.Real)) and not isinstance(v, bool) for v in metrics.values())
+    ):
+        raise TypeError(
+            f"set_model_card_info(metrics=...): must map metric names to numbers (or text), e.g. "
+            f"{{'target mIoU': 0.52}} (a tensor: .item()); got {metrics!r}."
+        )
     info = dict(getattr(tuner, "model_card_info", {}) or {})
     given = dict(base_model=base_model, depth_model=depth_model, bands=bands, wavelengths_nm=wavelengths_nm,
                  classes=classes, metrics=metrics, datasets=datasets, notes=notes)
-    info.update({key: (list(value) if isinstance(value, (tuple, list)) else value)
-                 for key, value in given.items() if value is not None})
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key == "metrics":
+            value = {k: v if isinstance(v, str) else int(v) if isinstance(v, numbers.Integral) else float(v)
+                     for k, v in value.items()}
+        elif key == "wavelengths_nm":
+            value = [float(w) for w in value]
+        elif not isinstance(value, str):
+            value = list(value)
+        info[key] = value
+    bands, wavelengths_nm = info.get("bands"), info.get("wavelengths_nm")
     if bands is not None and wavelengths_nm is not None and len(bands) != len(wavelengths_nm):
         raise ValueError(f"{len(bands)} band names but {len(wavelengths_nm)} wavelengths.")
     object.__setattr__(tuner, "model_card_info", info)
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _check_text(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"set_model_card_info({name}=...): must be a string; got {value!r}.")
+
+
+def _check_names(name: str, value: Any, what: str) -> None:
+    if value is not None and not (_is_sequence(value) and all(isinstance(v, str) for v in value)):
+        raise TypeError(f"set_model_card_info({name}=...): must be a list of {what}; got {value!r}.")
 
 
 def _base_model_name(model: Any) -> Optional[str]:
@@ -71,7 +131,7 @@ def model_card_section(model: Any, adapter_name: str = "default") -> str:
         "### Load it",
         "",
         "```python",
-        "import spectralmoe_peft  # first: registers the SpectralMoE method with peft (loading fails without it)",
+        "import spectralmoe_peft  # registers SpectralMoE with peft (pip installs also do it on first load)",
         "from peft import PeftModel",
         "from transformers import AutoModel",
         "",
@@ -113,7 +173,23 @@ def model_card_section(model: Any, adapter_name: str = "default") -> str:
 
 
 def write_model_card(model: Any, output_dir: str, adapter_name: str = "default") -> None:
-    """Put the SpectralMoE section into ``output_dir/README.md`` (after peft has written its part)."""
+    """Put the SpectralMoE section into ``output_dir/README.md`` (after peft has written its part).
+
+    peft writes the card before the weights, in the same ``save_pretrained``: a problem with the card must never cost
+    the weights, so it becomes a warning and the card keeps peft's part only.
+    """
+    try:
+        _write_model_card(model, output_dir, adapter_name)
+    except Exception as error:  # noqa: BLE001 (any failure here would stop the weights from being saved)
+        warnings.warn(
+            f"spectralmoe-peft could not write its section of the model card ({type(error).__name__}: {error}); "
+            "the adapter's weights and config are saved regardless. Check set_model_card_info(...).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _write_model_card(model: Any, output_dir: str, adapter_name: str) -> None:
     from huggingface_hub import ModelCard
 
     path = os.path.join(output_dir, "README.md")

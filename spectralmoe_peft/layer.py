@@ -33,12 +33,14 @@ from .routing import RouterOutput, attach_aux_loss, route
 
 def check_adapter_name(adapter_name: str) -> None:
     """Adapter names key torch ModuleDicts/ParameterDicts: refuse those they cannot hold, with a clear message."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or hasattr(
-        nn.ParameterDict, adapter_name
+    # checked on instances: 'training' and the like are instance attributes, and a dict key must not shadow any
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or any(
+        hasattr(container, adapter_name) for container in (nn.ParameterDict(), nn.ModuleDict())
     ):
         raise ValueError(
             f"Adapter name {adapter_name!r} cannot be used: it must be a non-empty string without '.' that is not "
-            "a method of torch's ParameterDict (such as 'copy', 'keys', 'update'). Pick another name."
+            "an attribute of torch's ParameterDict/ModuleDict (such as 'copy', 'keys', 'update', 'training'). "
+            "Pick another name."
         )
 
 

@@ -164,6 +164,14 @@ class SpectralMoEModel(BaseTuner):
 
     def _check_target_module_exists(self, peft_config: SpectralMoEConfig, key: str):
         stack: BlockStack = self._block_stack
+        layers = peft_config.layers_to_transform
+        if layers is not None:
+            beyond = [i for i in ([layers] if isinstance(layers, int) else layers) if i >= stack.num_blocks]
+            if beyond:
+                raise ValueError(
+                    f"SpectralMoEConfig.layers_to_transform: {beyond} out of range; this ViT has {stack.num_blocks} "
+                    f"blocks, so valid indices are 0 .. {stack.num_blocks - 1}."
+                )
         index = stack.block_index(key)
         excluded = peft_config.exclude_modules
         if excluded:
@@ -171,9 +179,9 @@ class SpectralMoEModel(BaseTuner):
                 return _ExcludedModule()
             if not isinstance(excluded, str) and (key in excluded or any(key.endswith(f".{e}") for e in excluded)):
                 return _ExcludedModule()
-        if peft_config.modules_to_save and any(
-            re.match(rf"(^|.*\.){m}($|\..*)", key) for m in peft_config.modules_to_save
-        ):
+        # a module to save (or anything inside it) is trained in full, not adapted; names are matched literally,
+        # as dotted components ("head(" is a name, not a broken regex)
+        if peft_config.modules_to_save and any(f".{m}." in f".{key}." for m in peft_config.modules_to_save):
             return _ExcludedModule()
         targets = peft_config.target_modules
         if targets is None:
@@ -313,7 +321,12 @@ class SpectralMoEModel(BaseTuner):
         own = {f"{prefix}{key}": value for key, value in self.state_dict().items() if PREFIX in key}
 
         def adapter_of(key: str) -> Optional[str]:
-            return next((name for name in loading if key.endswith(f".{name}") or f".{name}." in key), None)
+            # parsed by structure, not by substring: the adapter name is the component right after the first
+            # spectralmoe_<param> one (names like "1", "model" or "layer" also occur elsewhere in the key)
+            parts = key[len(prefix) :].split(".")
+            at = next((i for i, part in enumerate(parts) if part.startswith(PREFIX)), None)
+            name = parts[at + 1] if at is not None and at + 1 < len(parts) else None
+            return name if name in loading else None
 
         expected = {key: value for key, value in own.items() if adapter_of(key) is not None}
         incoming = {key: value for key, value in state_dict.items() if key.startswith(prefix) and PREFIX in key}

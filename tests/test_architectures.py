@@ -55,7 +55,7 @@ def test_unknown_family_needs_num_prefix_tokens():
                 x = block(x)
             return x
 
-    with pytest.raises(ValueError, match="num_prefix_tokens"):
+    with pytest.raises(ValueError, match=r"If it is a plain \(isotropic\) ViT, set SpectralMoEConfig\.num_prefix_tokens"):
         get_peft_model(TinyViT(), SpectralMoEConfig(use_depth=False))
     model = get_peft_model(TinyViT(), SpectralMoEConfig(use_depth=False, num_prefix_tokens=0, init_weights=False))
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 16, 8)
@@ -86,3 +86,49 @@ def test_modules_to_save_trains_and_saves_the_head(family, head, tmp_path):
     loaded = PeftModel.from_pretrained(make_model(family), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=x).logits, expected)
+
+
+def _swin(**kw):
+    return tf.SwinModel(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                      window_size=4, **kw))
+
+
+HIERARCHICAL = {
+    "swin": _swin,
+    "swinv2": lambda: tf.Swinv2Model(tf.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                     num_heads=[1, 2], window_size=4)),
+    "segformer": lambda: tf.SegformerModel(tf.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 1],
+        patch_sizes=[7, 3], strides=[4, 2])),
+    "upernet_swin": lambda: tf.UperNetForSemanticSegmentation(tf.UperNetConfig(
+        backbone_config=tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                      window_size=4, out_features=["stage1", "stage2"]),
+        hidden_size=16, pool_scales=[1, 2], num_labels=3, use_auxiliary_head=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HIERARCHICAL))
+@pytest.mark.parametrize("num_prefix_tokens", [None, 0])
+def test_hierarchical_backbones_are_refused_plainly(name, num_prefix_tokens):
+    """Swin & co.: no num_prefix_tokens can make them work, so the error must not suggest it; it names what does."""
+    base = HIERARCHICAL[name]().eval()
+    config = SpectralMoEConfig(use_depth=False, num_tokens=4, num_prefix_tokens=num_prefix_tokens)
+    with pytest.raises(ValueError) as error:
+        get_peft_model(base, config)
+    message = str(error.value)
+    assert "does not support hierarchical backbones" in message and "depths=[1, 1]" in message
+    assert "set SpectralMoEConfig.num_prefix_tokens" not in message
+    assert "Supported: plain (isotropic) ViTs" in message and "'dinov2'" in message
+    assert not any(type(m).__name__ == "SpectralMoELayer" for m in base.modules())
+
+
+def test_a_refused_backbone_stays_usable():
+    base = HIERARCHICAL["swin"]().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = base(pixel_values=x)[0]
+    with pytest.raises(ValueError, match="hierarchical"):
+        get_peft_model(base, SpectralMoEConfig(use_depth=False, num_tokens=4))
+    with torch.no_grad():
+        assert torch.equal(base(pixel_values=x)[0], before)
+

@@ -96,3 +96,111 @@ def test_push_to_hub_uploads_a_folder_that_loads_back_with_its_card(tmp_path, mo
     loaded.set_depth_model(make_depth_model())
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"classes": [0, 1, 2]}, "classes"),
+        ({"classes": "water"}, "classes"),
+        ({"bands": "RGB"}, "bands"),
+        ({"bands": ["B02", 3]}, "bands"),
+        ({"wavelengths_nm": [490, "560"]}, "wavelengths_nm"),
+        ({"wavelengths_nm": [490, float("nan")]}, "wavelengths_nm"),
+        ({"metrics": {"mIoU": torch.tensor(0.5)}}, "metrics"),
+        ({"metrics": [0.5]}, "metrics"),
+        ({"datasets": "Sentinel-2"}, "datasets"),
+        ({"base_model": 3}, "base_model"),
+        ({"notes": ["a"]}, "notes"),
+    ],
+)
+def test_set_model_card_info_refuses_what_the_card_cannot_show_and_keeps_what_was_set(kwargs, argument):
+    model = adapted(use_depth=False)
+    spectralmoe_peft.set_model_card_info(model, classes=["water", "forest"])
+    with pytest.raises(TypeError, match=rf"set_model_card_info\({argument}=\.\.\.\): must"):
+        spectralmoe_peft.set_model_card_info(model, **kwargs)
+    assert model.base_model.model_card_info == {"classes": ["water", "forest"]}
+
+
+def test_set_model_card_info_wants_the_peft_model():
+    with pytest.raises(TypeError, match="expects the PeftModel"):
+        spectralmoe_peft.set_model_card_info(make_model(), classes=["water"])
+
+
+def test_numbered_classes_pass_as_text(tmp_path):
+    model = adapted(use_depth=False)
+    spectralmoe_peft.set_model_card_info(model, classes=[str(c) for c in range(3)], metrics={"epochs": 40})
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "- Classes (3): 0, 1, 2" in text and "| epochs | 40 |" in text
+
+
+def test_a_card_problem_never_costs_the_weights(tmp_path, monkeypatch):
+    """peft writes the card before the weights: a failing SpectralMoE section is a warning, the weights are saved."""
+    model = adapted(use_depth=False)
+    object.__setattr__(model.base_model, "model_card_info", {"classes": [0, 1, 2]})  # past the checks
+    x = torch.rand(2, 6, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    with pytest.warns(RuntimeWarning, match="could not write its section of the model card.*weights and config are "
+                                            "saved regardless"):
+        model.save_pretrained(tmp_path)
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = PeftModel.from_pretrained(make_model("dinov2", num_channels=6), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+
+    import spectralmoe_peft.hub as hub
+
+    monkeypatch.setattr(hub, "model_card_section", lambda *a, **k: 1 / 0)  # any failure, not only bad info
+    with pytest.warns(RuntimeWarning, match="ZeroDivisionError"):
+        model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "adapter_model.safetensors").exists()
+
+
+def test_a_depth_model_named_by_the_config_is_loaded_on_the_first_forward_and_its_normalization_wins(tmp_path):
+    """docs/sharing.md: the config's depth_model_name_or_path chooses the model that runs, and its preprocessor's
+    mean/std replace the config's; an attached depth model is used as is, and nothing is loaded."""
+    import json
+
+    depth_dir = tmp_path / "depth"
+    make_depth_model().save_pretrained(depth_dir)
+    (depth_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3],
+                                                                    "image_std": [0.6, 0.5, 0.4]}))
+    config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, depth_hidden_size=48,
+                               depth_model_name_or_path=str(depth_dir))
+    model = get_peft_model(make_model(), config).eval()
+    assert model.base_model.depth_model is None
+    with torch.no_grad():
+        model(pixel_values=torch.rand(1, 3, 32, 32))
+    assert model.base_model.depth_model is not None
+    assert (config.depth_image_mean, config.depth_image_std) == ([0.1, 0.2, 0.3], [0.6, 0.5, 0.4])
+
+    config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, depth_hidden_size=48,
+                               depth_model_name_or_path=str(tmp_path / "not-there"))
+    model = get_peft_model(make_model(), config).eval()
+    attached = make_depth_model()
+    model.set_depth_model(attached)
+    with torch.no_grad():
+        model(pixel_values=torch.rand(1, 3, 32, 32))  # would raise if it tried to load "not-there"
+    assert model.base_model.depth_model is attached and config.depth_image_mean == [0.485, 0.456, 0.406]
+
+
+def test_a_depth_model_that_needs_its_own_code_is_refused_and_its_code_never_runs(tmp_path):
+    """trust_remote_code stays off: a config naming a repository with custom code cannot make that code run (with
+    trust_remote_code=True, transformers would import evil.py and write the marker)."""
+    import json
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "code-ran"
+    (evil / "config.json").write_text(json.dumps({
+        "model_type": "evil-depth", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+                                                  "AutoModelForDepthEstimation": "evil.EvilModel"}}))
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, depth_model_name_or_path=str(evil))
+    model = get_peft_model(make_model(), config).eval()
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        with torch.no_grad():
+            model(pixel_values=torch.rand(1, 3, 32, 32))
+    assert not marker.exists()
