@@ -258,12 +258,24 @@ def test_nodata_mask_per_band_is_reduced_with_any(visual_model):
     assert torch.equal(out, reference)  # masking only changes statistics, never the features
 
 
-def test_nan_nodata_value_marks_nan_pixels_invalid():
+def test_nan_nodata_value_marks_exactly_the_nan_patches_invalid():
+    """A patch is invalid when over half its pixels are NaN in any band; every other patch stays valid."""
     config(nodata_value=float("nan"))  # accepted by the config
-    x = torch.rand(1, 3, 32, 32)
-    x[0, :, :16, :16] = float("nan")  # the top-left 2x2 patches are nodata
-    valid = patch_validity(x, None, float("nan"), (8, 8)).reshape(4, 4)
-    assert not valid[:2, :2].any()
+    x = torch.rand(2, 3, 32, 48)  # a 4 x 6 patch grid, not square: a height/width swap cannot fit
+    x[0, :, :16, :16] = float("nan")  # patches (0, 0), (0, 1), (1, 0), (1, 1): nodata in every band
+    x[0, 1, 24:32, 0:8] = float("nan")  # patch (3, 0): nodata in one band only, which makes its pixels invalid
+    x[0, :, 16:20, 40:48] = float("nan")  # patch (2, 5): exactly half its pixels nodata, so still valid
+    x[0, :, 24:28, 40:48] = float("nan")
+    x[0, 0, 28, 40] = float("nan")  # patch (3, 5): 33 of 64 pixels nodata, invalid
+    x[0, 2, 0:8, 40:48] = 0.0  # patch (0, 5): zeros are data when the marker is NaN
+    expected = torch.ones(2, 4, 6, dtype=torch.bool)
+    expected[0, :2, :2] = expected[0, 3, 0] = expected[0, 3, 5] = False
+    valid = patch_validity(x, None, float("nan"), (8, 8))
+    assert torch.equal(valid.reshape(2, 4, 6), expected)
+    per_band = patch_validity(x, None, [float("nan"), 5.0, 5.0], (8, 8))  # NaN marks nodata in band 0 only
+    expected_per_band = torch.ones(2, 4, 6, dtype=torch.bool)
+    expected_per_band[0, :2, :2] = expected_per_band[0, 3, 5] = False
+    assert torch.equal(per_band.reshape(2, 4, 6), expected_per_band)
 
 
 def test_per_band_nodata_value_of_the_wrong_length_is_a_clear_error():
