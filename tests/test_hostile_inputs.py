@@ -13,7 +13,6 @@ import warnings
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from safetensors import SafetensorError
 from tiny_models import HIDDEN, main_output, make_depth_model, make_model
 
 from spectralmoe_peft import SpectralMoEConfig, SpectralMoELayer
@@ -95,10 +94,11 @@ def test_non_finite_pixels_through_the_depth_model_stay_in_their_sample():
 # --- channels, image size, empty batch ------------------------------------------------------------------------------
 
 
-def test_wrong_number_of_channels_is_hf_clear_error(visual_model):
+def test_model_stays_usable_after_the_base_model_raises(visual_model):
+    """The base model's own errors (here: too many channels) leave the adapter's per-forward state usable."""
     x = images()
     reference = run(visual_model, pixel_values=x)
-    with pytest.raises(ValueError, match="channel dimension.*Expected 3 but got 4"):
+    with pytest.raises(ValueError):
         visual_model(pixel_values=images(channels=4))
     assert_still_usable(visual_model, reference, pixel_values=x)
 
@@ -140,29 +140,6 @@ def test_image_size_not_divisible_by_patch_size_dinov2_floors_the_grid(size, gri
     assert out.shape == base_out.shape and torch.isfinite(out).all()
     stats = model.get_routing_stats()
     assert stats[0]["visual"].grid == grid and stats[1]["depth"].grid == grid
-
-
-def test_image_size_not_matching_plain_vit_is_hf_clear_error():
-    """Documented: HF ViT (without interpolate_pos_encoding) refuses any size other than its configured one; the
-    adapter adds nothing and stays usable."""
-    model = get_peft_model(make_model("vit"), config()).eval()
-    x = images()
-    reference = run(model, pixel_values=x)
-    with pytest.raises(ValueError, match=r"Input image size \(36\*36\) doesn't match model \(32\*32\)"):
-        model(pixel_values=images(size=(36, 36)))
-    assert_still_usable(model, reference, pixel_values=x)
-
-
-def test_empty_batch_fails_inside_hf_attention_not_in_the_adapter(visual_model):
-    """Documented: the HF Dinov2/ViT attention itself cannot reshape a 0-sample batch (the base model raises the
-    same error); the adapter's own refinement handles B=0 (tested directly below)."""
-    x = images()
-    reference = run(visual_model, pixel_values=x)
-    with pytest.raises(RuntimeError, match="0 elements"):
-        make_model("dinov2")(pixel_values=images(batch=0))
-    with pytest.raises(RuntimeError, match="0 elements"):
-        visual_model(pixel_values=images(batch=0))
-    assert_still_usable(visual_model, reference, pixel_values=x)
 
 
 def test_refinement_itself_accepts_an_empty_batch(depth_model):
@@ -256,12 +233,24 @@ def test_nodata_mask_per_band_is_reduced_with_any(visual_model):
     assert torch.equal(out, reference)  # masking only changes statistics, never the features
 
 
-def test_nan_nodata_value_marks_nan_pixels_invalid():
+def test_nan_nodata_value_marks_exactly_the_nan_patches_invalid():
+    """A patch is invalid when over half its pixels are NaN in any band; every other patch stays valid."""
     config(nodata_value=float("nan"))  # accepted by the config
-    x = torch.rand(1, 3, 32, 32)
-    x[0, :, :16, :16] = float("nan")  # the top-left 2x2 patches are nodata
-    valid = patch_validity(x, None, float("nan"), (8, 8)).reshape(4, 4)
-    assert not valid[:2, :2].any()
+    x = torch.rand(2, 3, 32, 48)  # a 4 x 6 patch grid, not square: a height/width swap cannot fit
+    x[0, :, :16, :16] = float("nan")  # patches (0, 0), (0, 1), (1, 0), (1, 1): nodata in every band
+    x[0, 1, 24:32, 0:8] = float("nan")  # patch (3, 0): nodata in one band only, which makes its pixels invalid
+    x[0, :, 16:20, 40:48] = float("nan")  # patch (2, 5): exactly half its pixels nodata, so still valid
+    x[0, :, 24:28, 40:48] = float("nan")
+    x[0, 0, 28, 40] = float("nan")  # patch (3, 5): 33 of 64 pixels nodata, invalid
+    x[0, 2, 0:8, 40:48] = 0.0  # patch (0, 5): zeros are data when the marker is NaN
+    expected = torch.ones(2, 4, 6, dtype=torch.bool)
+    expected[0, :2, :2] = expected[0, 3, 0] = expected[0, 3, 5] = False
+    valid = patch_validity(x, None, float("nan"), (8, 8))
+    assert torch.equal(valid.reshape(2, 4, 6), expected)
+    per_band = patch_validity(x, None, [float("nan"), 5.0, 5.0], (8, 8))  # NaN marks nodata in band 0 only
+    expected_per_band = torch.ones(2, 4, 6, dtype=torch.bool)
+    expected_per_band[0, :2, :2] = expected_per_band[0, 3, 5] = False
+    assert torch.equal(per_band.reshape(2, 4, 6), expected_per_band)
 
 
 def test_per_band_nodata_value_of_the_wrong_length_is_a_clear_error():
@@ -271,8 +260,7 @@ def test_per_band_nodata_value_of_the_wrong_length_is_a_clear_error():
 
 
 def test_masked_tokens_stay_out_of_the_gate_entropy():
-    """DESIGN/config: flagged patches 'stay out of routing statistics'. expert_load honours the mask; gate_entropy
-    (layer.py _stream_delta) does not."""
+    """DESIGN/config: flagged patches 'stay out of routing statistics': the expert load and the gate entropy."""
     model = get_peft_model(make_model("dinov2"), config(num_experts=4, top_k=1, gating="softmax")).eval()
     x = images(seed=3)
     x[1] *= 5
@@ -282,8 +270,8 @@ def test_masked_tokens_stay_out_of_the_gate_entropy():
     masked = model.get_routing_stats()[0]["visual"]
     run(model, pixel_values=x[:1])
     alone = model.get_routing_stats()[0]["visual"]
-    torch.testing.assert_close(masked.expert_load, alone.expert_load)  # holds
-    torch.testing.assert_close(masked.gate_entropy, alone.gate_entropy, rtol=1e-5, atol=1e-6)  # fails
+    torch.testing.assert_close(masked.expert_load, alone.expert_load)
+    torch.testing.assert_close(masked.gate_entropy, alone.gate_entropy, rtol=1e-5, atol=1e-6)
 
 
 # --- elevation (depth_source="elevation") ----------------------------------------------------------------------------
@@ -316,16 +304,18 @@ def test_flat_or_resized_elevation_gives_finite_outputs():
         assert out.shape == (2, 17, HIDDEN) and torch.isfinite(out).all()
 
 
-def test_single_pixel_elevation_is_finite_or_a_clear_error():
+def test_single_pixel_elevation_is_a_flat_raster():
+    """A 1 x 1 raster is accepted without a warning: standardized per raster, any constant raster (one pixel
+    included) is featureless, so it gives exactly the output of a flat full-size raster."""
     model = get_peft_model(make_model("dinov2"), config(use_depth=True, depth_source="elevation")).eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = run(model, pixel_values=images(), elevation=torch.ones(2, 1, 1, 1))
-    except ValueError as error:
-        assert "elevation" in str(error)
-    else:
-        assert torch.isfinite(out).all()
+    x = images()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(model, pixel_values=x, elevation=torch.ones(2, 1, 1, 1))
+    assert not [w for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert out.shape == (2, 17, HIDDEN) and torch.isfinite(out).all()
+    assert torch.equal(out, run(model, pixel_values=x, elevation=torch.full((2, 1, 32, 32), 312.0)))
+    assert not torch.equal(out, run(model, pixel_values=x, elevation=torch.randn(2, 1, 32, 32)))
 
 
 # --- before any forward ---------------------------------------------------------------------------------------------
@@ -407,50 +397,9 @@ def test_config_edited_against_its_weights_names_the_mismatch(saved_adapter):
         PeftConfig.from_pretrained(path)
 
 
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (lambda data: data[: len(data) // 2], "incomplete metadata, file not fully covered"),
-        (lambda data: data[:4], "header too small"),
-        (lambda data: b"", "header too small"),
-        (lambda data: data[:20] + b"\xff" * 40 + data[60:], "invalid UTF-8 in header"),
-    ],
-    ids=["half", "four-bytes", "empty", "garbled-header"],
-)
-def test_truncated_or_corrupted_weights_file_raises_safetensors_error(saved_adapter, damage, message):
-    """Documented: damage to the file's structure raises safetensors' SafetensorError (message about the header)."""
-    _, path = saved_adapter
-    weights = path / "adapter_model.safetensors"
-    weights.write_bytes(damage(weights.read_bytes()))
-    with pytest.raises(SafetensorError, match=message):
-        PeftModel.from_pretrained(make_model("dinov2"), path)
-
-
-def test_corrupted_tensor_bytes_load_silently(saved_adapter):
-    """Documented limitation: safetensors has no checksum, so bytes flipped inside a tensor's payload load without
-    any error and change the outputs. (Nothing this package can detect without storing its own hash.)"""
-    model, path = saved_adapter
-    weights = path / "adapter_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-40:] = b"\x7f" * 40
-    weights.write_bytes(bytes(data))
-    loaded = PeftModel.from_pretrained(make_model("dinov2"), path).eval()
-    x = images()
-    assert not torch.equal(run(loaded, pixel_values=x), run(model, pixel_values=x))
-
-
-def test_missing_weights_file_raises(saved_adapter):
-    """Documented (odd, peft's): with no adapter_model.safetensors in a local folder, peft treats the path as a Hub
-    repo id; the error is about the repo id, not the missing file."""
-    _, path = saved_adapter
-    (path / "adapter_model.safetensors").unlink()
-    with pytest.raises(Exception, match="[Rr]epo id|adapter_model|not found|No such file"):
-        PeftModel.from_pretrained(make_model("dinov2"), path)
-
-
 def test_unknown_config_fields_from_a_newer_version_are_ignored_with_a_warning(saved_adapter, tmp_path):
-    """Documented: peft drops unknown adapter_config.json keys with a UserWarning that names them; the adapter
-    loads and gives exactly the saved model's outputs."""
+    """An adapter saved by a newer version (config fields this one does not know) loads, with a warning that
+    names the fields, and gives exactly the saved model's outputs."""
     model, path = saved_adapter
     newer = tmp_path / "newer"
     shutil.copytree(path, newer)
@@ -459,7 +408,7 @@ def test_unknown_config_fields_from_a_newer_version_are_ignored_with_a_warning(s
     data.update(future_knob=123, routing_v2={"a": 1})
     config_file.write_text(json.dumps(data))
 
-    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['future_knob', 'routing_v2'\]"):
+    with pytest.warns(UserWarning, match=r"future_knob.*routing_v2"):
         loaded_config = PeftConfig.from_pretrained(newer)
     assert isinstance(loaded_config, SpectralMoEConfig)
     assert not hasattr(loaded_config, "future_knob")
