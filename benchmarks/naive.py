@@ -295,7 +295,8 @@ class NaiveSpectralMoE(nn.Module):
                 expert.A.copy_(a[e])
                 expert.B.copy_(b[e])
             mine.gate_visual.copy_(theirs.spectralmoe_gate_visual[adapter_name])
-            mine.noise_visual.copy_(theirs.spectralmoe_gate_visual_noise[adapter_name])
+            if adapter_name in theirs.spectralmoe_gate_visual_noise:  # absent when the router is not noisy
+                mine.noise_visual.copy_(theirs.spectralmoe_gate_visual_noise[adapter_name])
             if mine.use_depth:
                 depth_gates = theirs.spectralmoe_gate_depth
                 gate = depth_gates[adapter_name] if adapter_name in depth_gates else mine.gate_visual

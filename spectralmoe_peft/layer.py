@@ -138,10 +138,13 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         self.spectralmoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts, num_tokens, rank))
         self.spectralmoe_B[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, dim))
         self.spectralmoe_gate_visual[adapter_name] = nn.Parameter(torch.empty(num_experts, dim))
-        self.spectralmoe_gate_visual_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts))
+        # noise weights only when the router is noisy: a created-but-unused parameter stops plain DDP at step 2
+        if config.noisy_gating:
+            self.spectralmoe_gate_visual_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts))
         if config.use_depth and not config.share_gates:
             self.spectralmoe_gate_depth[adapter_name] = nn.Parameter(torch.empty(num_experts, dim))
-            self.spectralmoe_gate_depth_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts))
+            if config.noisy_gating:
+                self.spectralmoe_gate_depth_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts))
         self.spectralmoe_configs[adapter_name] = config
         self.reset_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -167,6 +170,8 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                     nn.init.zeros_(gate[adapter_name])  # breaks it (docs/method.md, Initialization)
                 else:
                     nn.init.normal_(gate[adapter_name], std=1.0 / math.sqrt(self.hidden_size))
+                if adapter_name not in noise:
+                    continue
                 if init_weights is False:
                     nn.init.normal_(noise[adapter_name], std=1.0 / math.sqrt(self.hidden_size))
                 else:
@@ -174,10 +179,13 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
 
     # --- the refinement --------------------------------------------------------------------------------------------
 
-    def _gates(self, adapter_name: str, stream: str) -> tuple[Tensor, Tensor]:
+    def _gates(self, adapter_name: str, stream: str) -> tuple[Tensor, Optional[Tensor]]:
+        """(gate weight, noise weight or None) of one stream."""
         if stream == "depth" and adapter_name in self.spectralmoe_gate_depth:
-            return self.spectralmoe_gate_depth[adapter_name], self.spectralmoe_gate_depth_noise[adapter_name]
-        return self.spectralmoe_gate_visual[adapter_name], self.spectralmoe_gate_visual_noise[adapter_name]
+            gate, noise = self.spectralmoe_gate_depth, self.spectralmoe_gate_depth_noise
+        else:
+            gate, noise = self.spectralmoe_gate_visual, self.spectralmoe_gate_visual_noise
+        return gate[adapter_name], noise[adapter_name] if adapter_name in noise else None
 
     def _route(self, tokens_in: Tensor, stream: str, adapter_name: str, valid: Optional[Tensor]) -> RouterOutput:
         config = self.spectralmoe_configs[adapter_name]

@@ -300,13 +300,25 @@ class SpectralMoEModel(BaseTuner):
                 selected[key] = value
         return selected
 
-    @staticmethod
-    def _convert_saved_layouts(state_dict: dict, prefix: str, *args: Any) -> None:
-        """Adapters saved by 0.1.0 stored the update scale s as a 0-d tensor; it is (1,) since (FSDP needs >= 1-d)."""
+    def _convert_saved_layouts(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Read adapters saved by 0.1.0: the update scale s was a 0-d tensor (it is (1,) since: FSDP needs >= 1-d), and
+        routers without noise (noisy_gating=False) still stored unused noise weights (dropped: they stopped DDP)."""
         scale_key = f"{prefix}spectralmoe_scale."
         for key in [k for k in state_dict if k.startswith(scale_key)]:
             if state_dict[key].ndim == 0:
                 state_dict[key] = state_dict[key].reshape(1)
+        loading = [self.peft_config.get(key[len(scale_key) :]) for key in state_dict if key.startswith(scale_key)]
+        for key in [k for k in state_dict if k.startswith(prefix) and "_noise" in k]:
+            parts = key.split(".")
+            position = next((i for i, p in enumerate(parts) if p.startswith(PREFIX) and p.endswith("_noise")), None)
+            if position is None:
+                continue
+            if position + 1 < len(parts):  # named after its adapter
+                configs = [self.peft_config.get(parts[position + 1])]
+            else:  # peft could not place it (this model has no such tensor), so left the adapter name out
+                configs = loading
+            if configs and all(c is not None and not c.noisy_gating for c in configs):
+                del state_dict[key]
 
     def _check_adapter_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Refuse incomplete or mismatched adapter weights (the released code only warned).

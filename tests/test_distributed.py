@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo, 2 processes): trains without find_unused_parameters and keeps the replicas identical."""
+"""DDP on CPU (gloo, 2 processes) for every config family: trains without find_unused_parameters and keeps the
+replicas identical; FSDP with activation checkpointing (one process)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
     worker = Path(__file__).resolve().parent / "ddp_worker.py"
     result = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["changed"] == ranks[0]["total"]  # every adapter tensor trained (no unused experts)
-    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
-        assert torch.equal(a, b)  # gradients averaged: the replicas never drift apart
+    for family in ("depth_noisy", "no_noise", "shared_gates", "visual_only"):  # tests/ddp_worker.py FAMILIES
+        ranks = [torch.load(tmp_path / f"rank{r}_{family}.pt") for r in range(2)]
+        assert ranks[0]["changed"] == ranks[0]["total"], family  # every adapter tensor trained (none unused)
+        for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+            assert torch.equal(a, b), family  # gradients averaged: the replicas never drift apart
 
 
 def test_fsdp_with_activation_checkpointing_matches_the_unwrapped_model_and_saves_the_adapter(tmp_path):

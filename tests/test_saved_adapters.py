@@ -85,3 +85,31 @@ def test_adapter_saved_by_0_1_0_reproduces_its_outputs(name, one_thread):
         assert (stored["default_logits"] - stored["base_logits"]).abs().max() > MIN_ADAPTER_EFFECT
     with model.disable_adapter():  # loading left the base itself untouched
         assert_matches(outputs(model, x), stored, "base_", f"{name}: adapters disabled")
+
+
+def test_a_0_1_0_router_without_noise_loads_without_its_unused_noise_weights(tmp_path):
+    """0.1.0 stored noise weights even for noisy_gating=False (unused: they stopped plain DDP) and s as a 0-d tensor;
+    such a file loads, the noise weights are dropped and s reshaped, with the outputs of the adapter as saved."""
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+
+    from spectralmoe_peft import SpectralMoEConfig
+
+    config = SpectralMoEConfig(num_experts=3, num_tokens=4, expert_rank=2, use_depth=False, noisy_gating=False,
+                               init_weights=False, scale_init=0.5)
+    model = get_peft_model(make_model(), config).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert not any("_noise" in key for key in weights)  # created only for noisy routers
+    old = dict(weights)
+    for key in [k for k in weights if k.endswith("spectralmoe_gate_visual")]:
+        old[key + "_noise"] = torch.randn(32, 3)  # what 0.1.0 wrote next to each gate
+    old["base_model.spectralmoe_scale"] = weights["base_model.spectralmoe_scale"].reshape(())
+    save_file(old, tmp_path / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(make_model(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).last_hidden_state, expected, rtol=0, atol=0)
+    assert not any("_noise" in name for name, _ in loaded.named_parameters())
