@@ -118,10 +118,11 @@ def load_depth_model(name_or_path: str):
     from transformers import AutoModel, AutoModelForDepthEstimation
     from transformers.utils import cached_file
 
+    # never run code from the repository: an adapter config names this model, and adapters are shared
     try:
-        model = AutoModelForDepthEstimation.from_pretrained(name_or_path)
+        model = AutoModelForDepthEstimation.from_pretrained(name_or_path, trust_remote_code=False)
     except (ValueError, KeyError):  # not a depth-estimation architecture: a plain encoder (e.g. Dinov2Model)
-        model = AutoModel.from_pretrained(name_or_path)
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=False)
     normalization = None
     try:  # the processor's JSON, read directly: instantiating the processor class would need PIL/torchvision
         path = cached_file(name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
@@ -132,7 +133,17 @@ def load_depth_model(name_or_path: str):
             processor = json.load(file)
         mean, std = processor.get("image_mean"), processor.get("image_std")
         if isinstance(mean, list) and isinstance(std, list) and len(mean) == 3 and len(std) == 3:
-            normalization = ([float(v) for v in mean], [float(v) for v in std])
+            try:
+                mean, std = [float(v) for v in mean], [float(v) for v in std]
+            except (TypeError, ValueError):
+                mean = std = None
+            valid = mean is not None and all(math.isfinite(v) for v in mean + std) and all(v > 0 for v in std)
+            if not valid:
+                raise ValueError(
+                    f"The image processor of {name_or_path} has an unusable normalization (image_mean={mean}, "
+                    f"image_std={std}; expected finite values, std > 0): fix its preprocessor_config.json."
+                )
+            normalization = (mean, std)
     return model, normalization
 
 

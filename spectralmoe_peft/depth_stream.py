@@ -10,6 +10,7 @@ depth model. ``DepthFeatures`` belongs to that forward only; it resamples lazily
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -148,6 +149,12 @@ class DepthStream:
                 )
             rgb = normalize_for_depth(depth_pixel_values, 1.0, 0.0, config.depth_image_mean, config.depth_image_std)
         elif pixel_values is not None:
+            wavelengths = config.band_wavelengths_nm
+            if wavelengths is not None and pixel_values.ndim == 4 and len(wavelengths) != pixel_values.shape[1]:
+                raise ValueError(
+                    f"SpectralMoEConfig.band_wavelengths_nm lists {len(wavelengths)} bands but pixel_values has "
+                    f"{pixel_values.shape[1]}: give one wavelength per input band (R, G, B are picked from them)."
+                )
             rgb = select_rgb(pixel_values, config.resolved_rgb_band_indices())
             rgb = normalize_for_depth(
                 rgb, config.depth_input_rescale, config.depth_input_offset, config.depth_image_mean,
@@ -177,8 +184,20 @@ class DepthStream:
         encoder = depth_encoder(self.model)
         patch = patch_size_of(encoder.config)
         reference = next(self.model.parameters(), rgb)
+        options = {"output_hidden_states": True}
+        if "interpolate_pos_encoding" in inspect.signature(encoder.forward).parameters:
+            options["interpolate_pos_encoding"] = True  # a plain ViT: any input size, like DINOv2 and Depth Anything
         with torch.no_grad():
-            outputs = encoder(pixel_values=rgb.to(reference.device, reference.dtype), output_hidden_states=True)
+            try:
+                outputs = encoder(pixel_values=rgb.to(reference.device, reference.dtype), **options)
+            except (ValueError, RuntimeError) as error:
+                if "size" not in str(error).lower():
+                    raise
+                raise ValueError(
+                    f"The depth model {type(self.model).__name__} refused its input of {rgb.shape[-2]}x{rgb.shape[-1]} "
+                    f"px (the R, G, B bands resized to a multiple of its patch size {tuple(patch)}): {error} Use a "
+                    "depth model that takes any input size (Depth Anything, DPT, DINOv2), or pass depth_hidden_states="
+                ) from error
         hidden_states = getattr(outputs, "hidden_states", None)
         if hidden_states is None:
             raise ValueError(f"The depth model {type(self.model).__name__} returned no hidden_states.")

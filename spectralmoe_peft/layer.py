@@ -266,6 +266,13 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                 "block call (torch.utils.checkpoint / checkpoint_wrapper) so its hidden states are passed as inputs."
             )
         grid = state.grid_for(feats.shape[1])
+        if grid is None and state.visual_grid is not None:
+            height, width = state.visual_grid
+            raise ValueError(
+                f"The block has {feats.shape[1]} patch tokens after num_prefix_tokens={self.num_prefix_tokens}, but "
+                f"pixel_values give a {height}x{width} grid of {height * width} patches: check "
+                "SpectralMoEConfig.num_prefix_tokens (CLS + register tokens; None reads it from the model config)."
+            )
         if grid is None:
             raise ValueError(
                 f"Cannot tell the patch grid of {feats.shape[1]} visual tokens to align depth features with: pass "
@@ -347,6 +354,12 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             return None
         state = self._forward_state(args, kwargs)
         hidden = output[0] if isinstance(output, tuple) else output  # B, P + N, D
+        if hidden.shape[1] <= self.num_prefix_tokens:
+            raise ValueError(
+                f"This block outputs {hidden.shape[1]} tokens, but num_prefix_tokens={self.num_prefix_tokens} "
+                "(CLS/registers) would leave no patch tokens to refine: set SpectralMoEConfig.num_prefix_tokens to the "
+                "model's CLS + register count, or leave it None to read it from the model config."
+            )
         prefix, feats = hidden[:, : self.num_prefix_tokens], hidden[:, self.num_prefix_tokens :]
         if getattr(block, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             feats = torch.utils.checkpoint.checkpoint(self._refine_all, feats, state, active, use_reentrant=False)
