@@ -201,3 +201,61 @@ def test_any_band_count_and_rgb_choice_runs_through_the_depth_model(bands, cfg, 
         (out.pow(2).mean() + aux).backward()
         projection = model.base_model.spectralmoe_depth_projection["default"].weight
         assert projection.grad is not None and torch.isfinite(projection.grad).all()
+
+
+# --- (e) integer rasters, non-square sizes and depth models of other families ---------------------------------------
+
+
+def _depth_anything():
+    import transformers as tf
+
+    backbone = tf.Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                               patch_size=7, image_size=63, out_indices=[1, 2], reshape_hidden_states=False)
+    return tf.DepthAnythingForDepthEstimation(tf.DepthAnythingConfig(
+        backbone_config=backbone, patch_size=7, reassemble_hidden_size=24, fusion_hidden_size=16,
+        head_hidden_size=8, neck_hidden_sizes=[12, 24], reassemble_factors=[2, 1]))
+
+
+def _dpt():
+    import transformers as tf
+
+    return tf.DPTForDepthEstimation(tf.DPTConfig(
+        hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8,
+        neck_hidden_sizes=[8, 8, 8, 8], reassemble_factors=[4, 2, 1, 0.5], backbone_out_indices=[0, 1, 1, 1],
+        fusion_hidden_size=8, head_hidden_size=8))
+
+
+def _vit():
+    import transformers as tf
+
+    return tf.ViTModel(tf.ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                                    image_size=28, patch_size=7))
+
+
+DEPTH_FAMILIES = {"dinov2": lambda: make_depth_model(hidden_size=24, num_layers=2), "depth_anything": _depth_anything,
+                  "dpt": _dpt, "vit": _vit}
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(
+    dtype=st.sampled_from([torch.uint8, torch.int16, torch.int32, torch.float32]),
+    family=st.sampled_from(sorted(DEPTH_FAMILIES)),
+    size=st.tuples(st.integers(1, 5), st.integers(1, 5)).map(lambda g: (8 * g[0], 8 * g[1])),
+    batch=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_integer_rasters_of_any_size_through_any_depth_family_equal_their_float_values(dtype, family, size, batch,
+                                                                                     seed):
+    torch.manual_seed(seed)
+    depth_model = DEPTH_FAMILIES[family]().eval()
+    model = get_peft_model(make_model("dinov2", seed=seed), SpectralMoEConfig(
+        num_experts=2, num_tokens=3, expert_rank=2, init_weights=False, scale_init=0.5,
+        depth_input_rescale=1 / 255)).eval()
+    model.set_depth_model(depth_model)
+    top = {torch.uint8: 255, torch.int16: 10000, torch.int32: 10000, torch.float32: 255}[dtype]
+    values = torch.randint(0, top + 1, (batch, 3, *size), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = model(pixel_values=values.to(dtype)).last_hidden_state
+        reference = model(pixel_values=values.float()).last_hidden_state
+    assert out.shape == (batch, 1 + size[0] * size[1] // 64, 32) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
