@@ -39,6 +39,9 @@ from dataclasses import asdict, dataclass, replace
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_cached", "naive_full")
+# --checkpointing: the same step with transformers' gradient checkpointing on the ViT (blocks and, for SpectralMoE, the
+# refinement recomputed in backward)
+CHECKPOINT_METHODS = ("lora", "lora_ckpt", "smoe_visual", "smoe_visual_ckpt", "smoe_full", "smoe_full_ckpt")
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ def build(config: BenchConfig, method: str, device):
     from naive import NaiveSpectralMoE
 
     cuda = device.type == "cuda"
+    checkpointing = method.endswith("_ckpt")
+    method = method.removesuffix("_ckpt")
 
     def vit(seed: int):
         torch.manual_seed(seed)
@@ -174,16 +179,13 @@ def build(config: BenchConfig, method: str, device):
     if method == "lora":
         model = get_peft_model(vit(0), LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank,
                                                   target_modules=["q_proj", "v_proj"]))
-    elif method == "smoe_visual":
+    elif method == "smoe_visual":  # the balance loss rides along in the graph (aux_loss_in_graph)
         model = get_peft_model(vit(0), smoe_config(use_depth=False))
-        aux = model.get_aux_loss
     elif method == "smoe_full":
         model = get_peft_model(vit(0), smoe_config())
         model.set_depth_model(vit(1))
-        aux = model.get_aux_loss
     elif method == "smoe_cached":
         model = get_peft_model(vit(0), smoe_config(depth_num_prefix_tokens=1))
-        aux = model.get_aux_loss
         depth_model = vit(1).to(device).eval()
         mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
@@ -201,6 +203,8 @@ def build(config: BenchConfig, method: str, device):
         aux = lambda: model.aux_loss  # noqa: E731
     else:
         raise ValueError(method)
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -339,14 +343,14 @@ def report(config: BenchConfig, results: dict[str, dict]) -> dict:
           f"(depth model the same)")
     print(header)
     print("-" * len(header))
-    for method in METHODS:
+    for method in (*METHODS, *[m for m in CHECKPOINT_METHODS if m not in METHODS]):
         result = results.get(method)
         if result is None:
             continue
         if "error" in result:
             print(f"{method:<12} ERROR {result['error']}")
             continue
-        result["adapter_gflop_fwd"] = adapter_flops(config, method) / 1e9
+        result["adapter_gflop_fwd"] = adapter_flops(config, method.removesuffix("_ckpt")) / 1e9
         if "step_ms" in lora:
             result["time_vs_lora"] = result["step_ms"] / lora["step_ms"]
             result["mem_vs_lora"] = result["peak_mem_mb"] / lora["peak_mem_mb"] if lora["peak_mem_mb"] > 0 else None
@@ -362,6 +366,14 @@ def report(config: BenchConfig, results: dict[str, dict]) -> dict:
                    "naive_vs_ours_mem": naive["peak_mem_mb"] / full["peak_mem_mb"] if full["peak_mem_mb"] > 0 else None}
         print(f"naive_full / smoe_full: time x{summary['naive_vs_ours_time']:.2f}, "
               f"peak memory x{_fmt(summary['naive_vs_ours_mem'], '.2f')}")
+    for method in ("lora", "smoe_visual", "smoe_full"):
+        plain, ckpt = results.get(method, {}), results.get(f"{method}_ckpt", {})
+        if plain.get("peak_mem_mb") and "peak_mem_mb" in ckpt and "step_ms" in plain and "step_ms" in ckpt:
+            summary[f"{method}_ckpt_vs_plain"] = {"mem": ckpt["peak_mem_mb"] / plain["peak_mem_mb"],
+                                                  "time": ckpt["step_ms"] / plain["step_ms"]}
+            print(f"{method}: with / without gradient checkpointing: peak memory "
+                  f"x{summary[f'{method}_ckpt_vs_plain']['mem']:.2f}, step time "
+                  f"x{summary[f'{method}_ckpt_vs_plain']['time']:.2f}")
     return {"config": asdict(config), "num_patches": config.num_patches,
             "backbone_gflop_fwd": backbone_flops(config) / 1e9, "results": rows, "summary": summary}
 
@@ -372,7 +384,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--only", default=None,
                         help="with --sweep: comma-separated config names to run, e.g. 'N=256,experts=12'")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of " + ",".join(METHODS + CHECKPOINT_METHODS[1::2]))
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="LoRA and SpectralMoE with and without gradient checkpointing (peak memory, time)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 1; quick 1)")
@@ -399,11 +414,13 @@ def main(argv=None) -> None:
         if wanted - known:
             parser.error(f"unknown configs {sorted(wanted - known)}; choose from {sorted(known)}")
         configs = [c for c in sweep_configs() if c.name in wanted]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
+    default = CHECKPOINT_METHODS if args.checkpointing else METHODS
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(default)
+    unknown = set(methods) - set(METHODS) - set(CHECKPOINT_METHODS)
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS + CHECKPOINT_METHODS[1::2]}")
     kind = "quick" if args.quick else "sweep" if args.sweep or args.only else "target"
+    kind = f"{kind}_checkpointing" if args.checkpointing else kind
     name = args.name or f"{kind}_{args.device}"
     print(f"device {args.device}, threads {args.threads if args.device == 'cpu' else '-'}, "
           f"warmup {args.warmup}, timed steps {args.steps} (median), "

@@ -4,6 +4,7 @@ Usage: python tests/fsdp_worker.py OUT_DIR. Wraps a SpectralMoE-adapted ViT (wit
 ViT block in its own unit and activation checkpointing around the blocks; runs two forwards before one backward and
 writes the adapter gradients, plus those of the same model without FSDP, to OUT_DIR/grads.pt; then saves the adapter
 from the FSDP model (full state dict) and writes the outputs of a fresh model loaded from it to OUT_DIR/reload.pt.
+Then the same training step under FSDP2 (fully_shard per adapted block and on the model): OUT_DIR/grads_fsdp2.pt.
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ def main(out: str) -> None:
         reloaded = loaded.eval()(pixel_values=x).last_hidden_state
         original = reference.eval()(pixel_values=x).last_hidden_state  # same weights: no optimizer step was taken
     torch.save({"reloaded": reloaded, "original": original}, Path(out) / "reload.pt")
+    # FSDP2: fully_shard each adapted block, then the model (the update scale s is (1,): FSDP refuses 0-d parameters)
+    from torch.distributed.fsdp import fully_shard
+
+    model2 = get_peft_model(make_model("dinov2"), config)
+    model2.set_depth_model(make_depth_model())
+    model2.load_state_dict(reference.state_dict())
+    model2.train()
+    apply_activation_checkpointing(model2, check_fn=lambda m: isinstance(m, tf.models.dinov2.modeling_dinov2.Dinov2Layer))
+    for layer in [m for m in model2.modules() if isinstance(m, SpectralMoELayer)]:
+        fully_shard(layer)
+    fully_shard(model2)
+    two_forwards(model2, images)
+    got2 = {clean(n): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model2.named_parameters() if p.grad is not None}
+    torch.save({"expected": expected, "got": got2}, Path(out) / "grads_fsdp2.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -22,15 +22,16 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
 
 
 def test_fsdp_with_activation_checkpointing_matches_the_unwrapped_model_and_saves_the_adapter(tmp_path):
-    """FSDP1 (gloo, CPU, one process), one unit per adapted block, checkpointing around the ViT blocks, two forwards
-    before one backward: the adapter's gradients equal the unwrapped model's; the adapter saved from FSDP's full
-    state dict reloads to the same outputs."""
+    """FSDP1 and FSDP2 (gloo, CPU, one process), one unit per adapted block, checkpointing around the ViT blocks, two
+    forwards before one backward: the adapter's gradients equal the unwrapped model's; the adapter saved from FSDP1's
+    full state dict reloads to the same outputs."""
     worker = Path(__file__).resolve().parent / "fsdp_worker.py"
     result = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    grads = torch.load(tmp_path / "grads.pt")
-    assert set(grads["got"]) == set(grads["expected"]) and len(grads["got"]) >= 15
-    for name, expected in grads["expected"].items():
-        torch.testing.assert_close(grads["got"][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+    for run in ("grads.pt", "grads_fsdp2.pt"):  # FSDP1, then FSDP2's fully_shard
+        grads = torch.load(tmp_path / run)
+        assert set(grads["got"]) == set(grads["expected"]) and len(grads["got"]) >= 15
+        for name, expected in grads["expected"].items():
+            torch.testing.assert_close(grads["got"][name], expected, rtol=1e-5, atol=1e-7, msg=f"{run}: {name}")
     reload = torch.load(tmp_path / "reload.pt")
     torch.testing.assert_close(reload["reloaded"], reload["original"], rtol=0, atol=0)
