@@ -116,6 +116,25 @@ class SpectralMoEConfig(PeftConfig):
     )
     switch_loss_weight: float = field(default=0.0, metadata={"help": "Weight of a Switch-style balance loss."})
     router_z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the router z-loss."})
+    balance_loss_reduction: Literal["sum", "mean"] = field(
+        default="sum",
+        metadata={
+            "help": "How the blocks' balance losses combine: 'sum' over adapted blocks (and streams), or 'mean' over "
+            "adapted blocks (the released code's reduction: the weight then does not grow with depth). See "
+            "docs/method.md for the measurement behind the default."
+        },
+    )
+    balancing: Literal["aux_loss", "aux_free", "both"] = field(
+        default="aux_loss",
+        metadata={
+            "help": "'aux_loss': the balance loss (the paper's). 'aux_free': no balance loss; a per-expert routing bias, "
+            "added to the logits for the top-k choice only, moves by bias_update_rate against each expert's load "
+            "error after every training forward (DeepSeek-V3). 'both': the two together."
+        },
+    )
+    bias_update_rate: float = field(
+        default=1e-3, metadata={"help": "Step of the aux-free routing bias per training forward (sign of the error)."}
+    )
     aux_loss_in_graph: bool = field(
         default=True,
         metadata={
@@ -189,7 +208,9 @@ class SpectralMoEConfig(PeftConfig):
         for name in ("noisy_gating", "share_gates", "use_depth", "aux_loss_in_graph", "keep_routing_stats"):
             # "no" or "off" would be truthy: refuse, not guess
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
-        for name, choices in (("gating", GATING_TYPES), ("fusion", FUSION_TYPES), ("depth_source", DEPTH_SOURCES)):
+        for name, choices in (("gating", GATING_TYPES), ("fusion", FUSION_TYPES), ("depth_source", DEPTH_SOURCES),
+                              ("balance_loss_reduction", ("sum", "mean")),
+                              ("balancing", ("aux_loss", "aux_free", "both"))):
             value = getattr(self, name)
             check(isinstance(value, str) and value in choices, name, f"must be one of {choices}")
 
@@ -206,7 +227,7 @@ class SpectralMoEConfig(PeftConfig):
             "default 1e-3, or init_weights='paper' (W_delta not zero, so s trains from 0)",
         )
         self.scale_init = float(self.scale_init)
-        for name in ("balance_loss_weight", "switch_loss_weight", "router_z_loss_weight"):
+        for name in ("balance_loss_weight", "switch_loss_weight", "router_z_loss_weight", "bias_update_rate"):
             value = getattr(self, name)
             check(_is_number(value) and math.isfinite(value) and value >= 0, name, "must be a finite number >= 0")
             setattr(self, name, float(value))

@@ -69,8 +69,8 @@ class ForwardState:
     keep_routing_stats: bool = True
     aux_losses: dict = field(default_factory=dict)  # (adapter, block, stream) -> weighted scalar loss
     routing: dict = field(default_factory=dict)  # adapter -> block -> stream -> RoutingStats
+    selection_biases: dict = field(default_factory=dict)  # (adapter, block) -> {stream: aux-free bias it routed with}
     finished: bool = False
-    _elevation_tokens: dict = field(default_factory=dict)
 
     def grid_for(self, num_patches: int) -> Optional[tuple[int, int]]:
         grid = self.visual_grid

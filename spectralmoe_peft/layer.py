@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.utils.checkpoint
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
@@ -28,7 +29,7 @@ from .experts import (
     use_low_rank,
 )
 from .fusion import fuse, fuse_coefficients
-from .routing import RouterOutput, attach_aux_loss, route
+from .routing import RouterOutput, attach_aux_loss, route, update_selection_bias
 
 
 def check_adapter_name(adapter_name: str) -> None:
@@ -66,9 +67,11 @@ class Refinement(NamedTuple):
 
 
 def weighted_aux_loss(config: SpectralMoEConfig, routed: RouterOutput) -> Tensor:
-    """The auxiliary loss of one stream in one block, with the config's weights."""
+    """The auxiliary loss of one stream in one block, with the config's weights (no balance term when balancing is
+    aux-free)."""
+    balance_weight = 0.0 if config.balancing == "aux_free" else config.balance_loss_weight
     return (
-        config.balance_loss_weight * routed.balance_loss
+        balance_weight * routed.balance_loss
         + config.switch_loss_weight * routed.switch_loss
         + config.router_z_loss_weight * routed.z_loss
     )
@@ -97,7 +100,8 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         "spectralmoe_gate_depth",
         "spectralmoe_gate_depth_noise",
     )
-    other_param_names = ()
+    # buffers, not trained (peft's set_adapter would switch requires_grad on for adapter_layer_names)
+    other_param_names = ("spectralmoe_gate_visual_bias", "spectralmoe_gate_depth_bias")
 
     def __init__(
         self,
@@ -123,6 +127,11 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         self.spectralmoe_gate_visual_noise = nn.ParameterDict({})  # adapter -> (D, E)
         self.spectralmoe_gate_depth = nn.ParameterDict({})  # adapter -> (E, D), absent if gates are shared
         self.spectralmoe_gate_depth_noise = nn.ParameterDict({})
+        # aux-free balancing (balancing="aux_free" | "both"): per-expert routing biases, buffers moved outside the
+        # optimizer, saved with the adapter
+        self.spectralmoe_gate_visual_bias = BufferDict({}, persistent=True)  # adapter -> (E,)
+        self.spectralmoe_gate_depth_bias = BufferDict({}, persistent=True)
+        self.spectralmoe_num_adapted_blocks: dict[str, int] = {}  # adapter -> blocks it adapts (the 'mean' reduction)
         self.spectralmoe_configs: dict[str, SpectralMoEConfig] = {}
         self._shared = shared
         self._disable_adapters = False
@@ -145,6 +154,12 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             self.spectralmoe_gate_depth[adapter_name] = nn.Parameter(torch.empty(num_experts, dim))
             if config.noisy_gating:
                 self.spectralmoe_gate_depth_noise[adapter_name] = nn.Parameter(torch.empty(dim, num_experts))
+        if config.balancing != "aux_loss":
+            reference = next(self.base_layer.parameters(), None)
+            device = reference.device if reference is not None and not reference.is_meta else None
+            self.spectralmoe_gate_visual_bias[adapter_name] = torch.zeros(num_experts, device=device)
+            if config.use_depth and not config.share_gates:
+                self.spectralmoe_gate_depth_bias[adapter_name] = torch.zeros(num_experts, device=device)
         self.spectralmoe_configs[adapter_name] = config
         self.reset_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -187,7 +202,16 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             gate, noise = self.spectralmoe_gate_visual, self.spectralmoe_gate_visual_noise
         return gate[adapter_name], noise[adapter_name] if adapter_name in noise else None
 
-    def _route(self, tokens_in: Tensor, stream: str, adapter_name: str, valid: Optional[Tensor]) -> RouterOutput:
+    def _selection_bias(self, adapter_name: str, stream: str) -> Optional[Tensor]:
+        """The live aux-free routing bias of a stream (the visual one when gates are shared), or None."""
+        if stream == "depth" and adapter_name in self.spectralmoe_gate_depth_bias:
+            return self.spectralmoe_gate_depth_bias[adapter_name]
+        visual = self.spectralmoe_gate_visual_bias
+        return visual[adapter_name] if adapter_name in visual else None
+
+    def _route(
+        self, tokens_in: Tensor, stream: str, adapter_name: str, valid: Optional[Tensor], bias: Optional[Tensor]
+    ) -> RouterOutput:
         config = self.spectralmoe_configs[adapter_name]
         gate, noise = self._gates(adapter_name, stream)
         return route(
@@ -198,13 +222,20 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             gating=config.gating,
             noisy=config.noisy_gating and self.training,
             valid=valid,
+            selection_bias=bias,
         )
 
     def refine(
-        self, feats: Tensor, depth: Optional[Tensor], adapter_name: str, valid: Optional[Tensor] = None
+        self,
+        feats: Tensor,
+        depth: Optional[Tensor],
+        adapter_name: str,
+        valid: Optional[Tensor] = None,
+        selection_bias: Optional[dict] = None,
     ) -> Refinement:
         """F <- F + s * W_delta(Phi + F). feats: (B, N, D) patch tokens; depth: (B, N, D) depth tokens or None;
-        valid: (B, N) bool, patches kept in the balance statistics (nodata masked out) or None.
+        valid: (B, N) bool, patches kept in the balance statistics (nodata masked out) or None; selection_bias:
+        {stream: (E,)} aux-free routing biases to use (default: the adapter's current ones).
 
         A pure function of its arguments and the adapter's weights. Computed in the adapter's dtype (fp32 by default,
         even on a bf16 backbone); the update is cast back.
@@ -236,12 +267,14 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
 
         if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
             valid = None
-        routing = {"visual": self._route(x, "visual", adapter_name, valid)}
+        if selection_bias is None:
+            selection_bias = {stream: self._selection_bias(adapter_name, stream) for stream in ("visual", "depth")}
+        routing = {"visual": self._route(x, "visual", adapter_name, valid, selection_bias.get("visual"))}
         delta_visual = mix(x, routing["visual"].combine_weights)
         delta_depth = None
         if config.use_depth and depth is not None:
             depth_in = depth.to(dtype).contiguous()
-            routing["depth"] = self._route(depth_in, "depth", adapter_name, valid)
+            routing["depth"] = self._route(depth_in, "depth", adapter_name, valid, selection_bias.get("depth"))
             delta_depth = mix(depth_in, routing["depth"].combine_weights)
         phi = combine(delta_visual, delta_depth)  # B, N, D
         update = shared.scale[adapter_name] * shared.delta[adapter_name](phi + x)
@@ -252,6 +285,17 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
     ) -> Tensor:
         """The refined patch tokens alone (B, N, D): ``refine(...).tokens``."""
         return self.refine(feats, depth, adapter_name, valid).tokens
+
+    def _biases_of_this_forward(self, adapter_name: str, state: Optional[ForwardState]) -> dict:
+        """The aux-free biases a forward routes with, kept in its state: a checkpoint recomputation (after the bias
+        moved) must choose the experts its forward chose."""
+        live = {stream: self._selection_bias(adapter_name, stream) for stream in ("visual", "depth")}
+        if state is None or all(bias is None for bias in live.values()):
+            return live
+        key = (adapter_name, self.block_index)
+        if key not in state.selection_biases:
+            state.selection_biases[key] = {s: None if b is None else b.clone() for s, b in live.items()}
+        return state.selection_biases[key]
 
     def _depth_for(self, adapter_name: str, feats: Tensor, state: Optional[ForwardState]) -> Optional[Tensor]:
         """This forward's depth tokens for this block, projected to the ViT's width: (B, N, D); None if unused."""
@@ -315,12 +359,21 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             valid = None
         grid = state.grid_for(feats.shape[1]) if state is not None else None
         in_graph = []
+        recomputing = state is not None and state.finished
         for adapter_name in active:
             config = self.spectralmoe_configs[adapter_name]
-            refined = self.refine(feats, self._depth_for(adapter_name, feats, state), adapter_name, valid=valid)
+            biases = self._biases_of_this_forward(adapter_name, state)
+            refined = self.refine(feats, self._depth_for(adapter_name, feats, state), adapter_name, valid=valid,
+                                  selection_bias=biases)
             feats = refined.tokens
+            blocks = self.spectralmoe_num_adapted_blocks.get(adapter_name, 1)
             for stream, routed in refined.routing.items():
                 aux = weighted_aux_loss(config, routed)
+                if config.balance_loss_reduction == "mean":
+                    aux = aux / blocks
+                live = self._selection_bias(adapter_name, stream)
+                if live is not None and self.training and torch.is_grad_enabled() and not recomputing:
+                    update_selection_bias(live, routed.expert_load, config.bias_update_rate)
                 if config.aux_loss_in_graph:
                     in_graph.append(aux)
                 if state is not None:  # logged detached unless the user adds it to the loss (opted out)

@@ -153,6 +153,9 @@ class SpectralMoEModel(BaseTuner):
         except Exception:
             self._remove_shared_modules(adapter_name)  # leave no half-made adapter behind
             raise
+        adapted = [m for m in model.modules() if isinstance(m, SpectralMoELayer) and adapter_name in m.spectralmoe_A]
+        for layer in adapted:  # the 'mean' reduction of the balance loss divides by this
+            layer.spectralmoe_num_adapted_blocks[adapter_name] = len(adapted)
         self._set_shared_requires_grad()
         if config.inference_mode:  # loaded with is_trainable=False: frozen like its per-block tensors
             for container in self._shared_containers():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -78,12 +79,14 @@ def route(
     gating: str,
     noisy: bool,
     valid: Optional[Tensor] = None,
+    selection_bias: Optional[Tensor] = None,
 ) -> RouterOutput:
     """Route tokens x (B, N, D) to their top-k experts.
 
     The gate values multiply the expert outputs (unlike the released code), so the router learns from the task loss
     even with top_k = 1. ``noisy`` adds learned noise (training only). ``valid`` (B, N) keeps masked tokens (nodata)
-    out of the balance statistics.
+    out of the balance statistics. ``selection_bias`` (E), the aux-free balancing bias, shifts which experts are
+    chosen, not their weights (DeepSeek-V3).
     """
     clean = gate_logits(x, gate_weight, gating)  # B, N, E
     num_experts = clean.shape[-1]
@@ -94,7 +97,11 @@ def route(
     else:
         logits = clean
     probs = logits.softmax(dim=-1)  # B, N, E
-    topk_probs, topk_indices = probs.topk(top_k, dim=-1)  # B, N, k
+    if selection_bias is None:
+        topk_probs, topk_indices = probs.topk(top_k, dim=-1)  # B, N, k
+    else:
+        topk_indices = (logits + selection_bias.to(logits.dtype)).topk(top_k, dim=-1).indices  # B, N, k
+        topk_probs = probs.gather(-1, topk_indices)
     if top_k > 1:
         topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
     combine_weights = torch.zeros_like(probs).scatter(-1, topk_indices, topk_probs)  # B, N, E
@@ -140,6 +147,19 @@ class _AuxLossInGraph(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_tokens: Tensor):
         return grad_tokens, torch.ones((), dtype=ctx.aux_dtype, device=ctx.aux_device)
+
+
+def update_selection_bias(bias: Tensor, expert_load: Tensor, rate: float) -> None:
+    """Aux-free balancing step (in place, no host sync): raise the bias of under-loaded experts, lower that of
+    over-loaded ones, by ``rate`` (DeepSeek-V3). Under torch.distributed the load is averaged over ranks first, so the
+    bias stays identical on every rank."""
+    load = expert_load.detach().to(bias.dtype)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        load = load.clone()
+        torch.distributed.all_reduce(load)
+        load = load / torch.distributed.get_world_size()
+    with torch.no_grad():
+        bias.add_(rate * torch.sign(load.mean() - load))
 
 
 def attach_aux_loss(tokens: Tensor, aux_loss: Tensor) -> Tensor:

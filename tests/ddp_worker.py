@@ -31,6 +31,9 @@ FAMILIES = {
     "no_noise": dict(noisy_gating=False),
     "shared_gates": dict(share_gates=True, init_weights="paper"),
     "visual_only": dict(use_depth=False, init_weights="paper"),
+    # aux-free balancing: its routing biases are buffers, not broadcast here, and still equal on both ranks (the
+    # update reads the load averaged over ranks)
+    "aux_free": dict(balancing="both", bias_update_rate=0.05),
 }
 
 
@@ -47,7 +50,8 @@ def train(family: str, overrides: dict, rank: int, out: str) -> None:
     if config.use_depth:
         model.set_depth_model(make_depth_model())
     model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False,
+                                                    broadcast_buffers=family != "aux_free")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     start = [p.detach().clone() for p in params]
@@ -62,7 +66,8 @@ def train(family: str, overrides: dict, rank: int, out: str) -> None:
         assert not missing, f"{family}: no gradient for {missing}"
         optimizer.step()
     changed = sum(not torch.equal(p, s) for p, s in zip(params, start))
-    torch.save({"params": [p.detach() for p in params], "changed": changed, "total": len(params)},
+    buffers = [b.detach() for n, b in model.named_buffers() if "spectralmoe_" in n]
+    torch.save({"params": [p.detach() for p in params], "changed": changed, "total": len(params), "buffers": buffers},
                Path(out) / f"rank{rank}_{family}.pt")
 
 
