@@ -199,14 +199,18 @@ def _segmentation_model():
     from peft import get_peft_model
 
     from spectralmoe_peft import SpectralMoEConfig
-    from spectralmoe_peft.dgss import RandomCrops, build_upernet, load_landsat7_nc
-    from spectralmoe_peft.dgss.models import build_depth_model
+    from spectralmoe_peft.dgss import build_depth_model, build_upernet
 
     base, to_save = build_upernet(6, 6, image_size=32)
-    model = get_peft_model(base, SpectralMoEConfig(modules_to_save=to_save, rgb_band_indices=[2, 1, 0],
-                                                   depth_hidden_size=64))
+    model = get_peft_model(base, SpectralMoEConfig(modules_to_save=to_save, rgb_band_indices=[2, 1, 0]))
     model.set_depth_model(build_depth_model()[0])
     return model
+
+
+def _full_scale() -> dict:
+    from spectralmoe_peft.dgss import RandomCrops, load_landsat7_nc
+
+    return {"model": _segmentation_model(), "train": RandomCrops(load_landsat7_nc(), size=32, length=4, seed=0)}
 
 
 def _common() -> dict:
@@ -227,11 +231,7 @@ GIVEN: dict[str, Callable[[], dict]] = {
     "api.md": _common,
     "sharing.md": lambda: {**_common(), "model": _adapted_dinov3()},
     "spectral_inputs.md": _common,
-    "full_scale.md": lambda: {
-        "model": _segmentation_model(),
-        "train": __import__("spectralmoe_peft.dgss", fromlist=["RandomCrops"]).RandomCrops(
-            __import__("spectralmoe_peft.dgss", fromlist=["x"]).load_landsat7_nc(), size=32, length=4, seed=0),
-    },
+    "full_scale.md": _full_scale,
 }
 
 
@@ -257,10 +257,13 @@ def run_blocks(path: Path) -> list[Block]:
             continue
         # pad so a traceback's line numbers are the markdown file's
         code = compile("\n" * (block.line - 1) + block.code, str(path.relative_to(ROOT)), "exec")
+        error = None
         try:
             exec(code, namespace)
         except Exception:
-            pytest.fail(f"the block at {block.where} fails:\n{block.code}\n{traceback.format_exc()}", pytrace=False)
+            error = traceback.format_exc()
+        if error is not None:  # outside the except: the report is the block and its traceback, nothing chained
+            pytest.fail(f"the block at {block.where} fails:\n{block.code}\n{error}", pytrace=False)
         ran.append(block)
     return ran
 
@@ -285,6 +288,19 @@ def test_skipped_blocks_are_marked_with_a_reason(capsys):
     assert len(all_blocks) - len(skipped) >= 10  # the docs' snippets are run, not marked away
 
 
+ADDS_AUX_LOSS = re.compile(r"\+\s*[\w.]*get_aux_loss\(\)|get_aux_loss\(\)\s*\+")
+
+
+def test_no_snippet_adds_the_balance_loss_twice():
+    """The balance loss is in the autograd graph by default (aux_loss_in_graph=True): a snippet that adds
+    get_aux_loss() to a loss must be one that turned that off."""
+    for path in DOCS:
+        for block in blocks(path):
+            if ADDS_AUX_LOSS.search(block.code):
+                assert "aux_loss_in_graph=False" in block.code, (
+                    f"{block.where} adds get_aux_loss() to a loss, but the balance loss is already in the graph")
+
+
 def test_the_parser_finds_blocks_markers_and_line_numbers(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("# t\n\n```python\na = 1\n```\n\n<!-- snippet: skip (needs a GPU) -->\n```python\nb = 2\n```\n"
@@ -294,3 +310,50 @@ def test_the_parser_finds_blocks_markers_and_line_numbers(tmp_path):
     page.write_text("<!-- snippet: skip () -->\n```python\nc = 3\n```\n")
     with pytest.raises(AssertionError, match="unknown snippet marker"):
         blocks(page)
+
+
+# ------------------------------------------------------------------- README's claims beside its "Use" snippet
+
+
+def _adapted_and_saved(path: Path):
+    from peft import get_peft_model
+
+    from spectralmoe_peft import SpectralMoEConfig
+    from tiny_models import make_depth_model, make_model
+
+    backbone = make_model("dinov3")
+    model = get_peft_model(backbone, SpectralMoEConfig(init_weights=False)).eval()
+    model.set_depth_model(make_depth_model())
+    x = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(path)
+    return backbone, model, x, expected
+
+
+def test_reloading_onto_the_wrapped_backbone_raises_and_leaves_the_model_usable(tmp_path):
+    """README: `get_peft_model` wrapped `backbone` in place; `PeftModel.from_pretrained(backbone, ...)` stops with a
+    ValueError that says to build a fresh base model."""
+    from peft import PeftModel
+
+    backbone, model, x, expected = _adapted_and_saved(tmp_path / "out")
+    with pytest.raises(ValueError, match="build a fresh base model"):
+        PeftModel.from_pretrained(backbone, tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).last_hidden_state, expected)
+    assert len(model.peft_config) == 1
+
+
+def test_a_reloaded_adapter_needs_its_depth_model_again(tmp_path):
+    """README: the reloaded adapter fails until `set_depth_model` is called again; then its outputs are identical."""
+    from peft import PeftModel
+
+    from tiny_models import make_depth_model, make_model
+
+    _, _, x, expected = _adapted_and_saved(tmp_path / "out")
+    reloaded = PeftModel.from_pretrained(make_model("dinov3"), tmp_path / "out").eval()
+    with pytest.raises(ValueError, match="set_depth_model"):
+        reloaded(pixel_values=x)
+    reloaded.set_depth_model(make_depth_model())
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=x).last_hidden_state, expected)
