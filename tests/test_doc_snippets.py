@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import textwrap
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,11 @@ import transformers as tf
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(?P<lang>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.S | re.M)
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
 MARKER = re.compile(r"<!--\s*snippet:(?P<rest>.*?)-->", re.S)
-SKIP = re.compile(r"^\s*skip\s*\((?P<reason>[^)]*\S[^)]*)\)\s*$")
-PYTHON = {"python", "py", "python3", "pycon"}
+SKIP = re.compile(r"^\s*skip\s*\((?P<reason>.*\S.*)\)\s*$", re.S)
+PYTHON = {"python", "py", "python3"}
+PROMPTS = {"pycon", "ipython", "python-repl"}  # not run: write such examples as plain ```python
 
 DINOV3 = "facebook/dinov3-vitl16-pretrain-sat493m"
 DEPTH_ANYTHING = "depth-anything/Depth-Anything-V2-Large-hf"
@@ -73,7 +75,7 @@ def blocks(path: Path) -> list[Block]:
             assert reason, f"{path.name}: unknown snippet marker {before[-1].strip()!r}; use <!-- snippet: skip (why) -->"
             skip = reason.group("reason").strip()
         line = text[:match.start("body")].count("\n") + 1
-        found.append(Block(path, line, match.group("body"), skip))
+        found.append(Block(path, line, textwrap.dedent(match.group("body")), skip))
     return found
 
 
@@ -288,6 +290,15 @@ def test_skipped_blocks_are_marked_with_a_reason(capsys):
     assert len(all_blocks) - len(skipped) >= 10  # the docs' snippets are run, not marked away
 
 
+def test_no_block_hides_from_the_runner():
+    """Python written as an interactive session (```pycon, >>> prompts) would not be run: write it as ```python."""
+    for path in DOCS:
+        for match in FENCE.finditer(path.read_text()):
+            lang = match.group("lang").strip().lower()
+            assert lang not in PROMPTS and not match.group("body").lstrip().startswith(">>>"), (
+                f"{path.name}: a ```{lang} block with prompts is never run; write it as ```python")
+
+
 ADDS_AUX_LOSS = re.compile(r"\+\s*[\w.]*get_aux_loss\(\)|get_aux_loss\(\)\s*\+")
 
 
@@ -307,6 +318,9 @@ def test_the_parser_finds_blocks_markers_and_line_numbers(tmp_path):
                     "```bash\nls\n```\n")
     found = blocks(page)
     assert [(b.line, b.code, b.skip) for b in found] == [(4, "a = 1\n", None), (9, "b = 2\n", "needs a GPU")]
+    page.write_text("- item\n\n  <!-- snippet: skip (needs torchrun (2 processes)) -->\n  ```python\n  if True:\n      d = 4\n  ```\n")
+    assert [(b.line, b.code, b.skip) for b in blocks(page)] == [
+        (5, "if True:\n    d = 4\n", "needs torchrun (2 processes)")]
     page.write_text("<!-- snippet: skip () -->\n```python\nc = 3\n```\n")
     with pytest.raises(AssertionError, match="unknown snippet marker"):
         blocks(page)
