@@ -371,3 +371,22 @@ def test_a_reloaded_adapter_needs_its_depth_model_again(tmp_path):
     reloaded.set_depth_model(make_depth_model())
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=x).last_hidden_state, expected)
+
+
+def test_depth_pixel_values_need_an_attached_depth_model():
+    """README, spectral_inputs.md: `depth_pixel_values=` run through the attached depth model, so without one the
+    forward stops with a ValueError that says to attach one; the model still runs with depth_hidden_states=."""
+    from peft import get_peft_model
+
+    from spectralmoe_peft import SpectralMoEConfig
+    from tiny_models import make_depth_model, make_model
+
+    model = get_peft_model(make_model("dinov3"), SpectralMoEConfig(init_weights=False, depth_hidden_size=48)).eval()
+    x = torch.rand(2, 3, 32, 48)
+    with pytest.raises(ValueError, match=r"depth_pixel_values=.*no depth model.*set_depth_model"):
+        model(pixel_values=x, depth_pixel_values=torch.rand(2, 3, 28, 28))
+    depth = make_depth_model()
+    with torch.no_grad():
+        tokens = depth(pixel_values=torch.rand(2, 3, 28, 28), output_hidden_states=True).hidden_states
+        grids = tuple(t[:, 1:].transpose(1, 2).reshape(2, 48, 4, 4) for t in tokens)  # CLS dropped, 4x4 patches
+        assert model(pixel_values=x, depth_hidden_states=grids).last_hidden_state.shape == (2, 3 + 24, 32)
