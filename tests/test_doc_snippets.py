@@ -390,3 +390,35 @@ def test_depth_pixel_values_need_an_attached_depth_model():
         tokens = depth(pixel_values=torch.rand(2, 3, 28, 28), output_hidden_states=True).hidden_states
         grids = tuple(t[:, 1:].transpose(1, 2).reshape(2, 48, 4, 4) for t in tokens)  # CLS dropped, 4x4 patches
         assert model(pixel_values=x, depth_hidden_states=grids).last_hidden_state.shape == (2, 3 + 24, 32)
+
+
+# --------------------------------------------------------------------- api.md's config table is the config
+
+
+def _api_table() -> dict[str, str]:
+    """field -> default cell of docs/api.md's `SpectralMoEConfig` table (rows naming two fields share one cell)."""
+    table = {}
+    for match in re.finditer(r"^\| (`[^|]+`) \| ([^|]+) \|", (ROOT / "docs" / "api.md").read_text(), re.M):
+        fields = re.findall(r"`(\w+)`", match.group(1))
+        cells = match.group(2).split(",") if len(fields) > 1 else [match.group(2)]
+        cells = [cell.strip().strip("`") for cell in cells]
+        for name, cell in zip(fields, cells if len(cells) == len(fields) else cells * len(fields)):
+            table[name] = cell
+    return table
+
+
+def test_api_md_documents_every_config_field_with_its_default():
+    import ast
+    import dataclasses
+
+    from peft import PeftConfig
+
+    from spectralmoe_peft import SpectralMoEConfig
+
+    own = {f.name for f in dataclasses.fields(SpectralMoEConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    table, config = _api_table(), SpectralMoEConfig()
+    assert own <= set(table), f"undocumented in api.md: {sorted(own - set(table))}"
+    imagenet = {"depth_image_mean": [0.485, 0.456, 0.406], "depth_image_std": [0.229, 0.224, 0.225]}
+    for name in sorted(own):
+        documented = imagenet[name] if table[name] == "ImageNet" else ast.literal_eval(table[name])
+        assert getattr(config, name) == documented, f"api.md: {name} defaults to {table[name]}"
