@@ -19,6 +19,7 @@ the line right before its fence: ``<!-- snippet: skip (needs a GPU) -->``. Such 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -72,7 +73,8 @@ def blocks(path: Path) -> list[Block]:
         skip = None
         if marker is not None:
             reason = SKIP.match(marker.group("rest"))
-            assert reason, f"{path.name}: unknown snippet marker {before[-1].strip()!r}; use <!-- snippet: skip (why) -->"
+            assert reason, (f"{path.name}: unknown snippet marker {before[-1].strip()!r}; "
+                            "use <!-- snippet: skip (why) -->")
             skip = reason.group("reason").strip()
         line = text[:match.start("body")].count("\n") + 1
         found.append(Block(path, line, textwrap.dedent(match.group("body")), skip))
@@ -150,7 +152,12 @@ def _shorten(monkeypatch) -> None:
     landsat = _synthetic_scene("landsat7_nc", scenes.LANDSAT7_BANDS, scenes.LANDSAT7_WAVELENGTHS_NM, 72, 80, 0)
     sentinel = _synthetic_scene("sentinel2_brandenburg", scenes.SENTINEL2_BANDS, scenes.SENTINEL2_WAVELENGTHS_NM,
                                 64, 96, 1)
-    short_config = _with_defaults(train.TrainConfig, steps=2, batch_size=2, log_every=1)
+    @dataclasses.dataclass
+    class ShortTrainConfig(train.TrainConfig):  # the real one, other defaults; explicit arguments win
+        steps: int = 2
+        batch_size: int = 2
+        log_every: int = 1
+
     real_arguments = trainer.paper_training_arguments
 
     def short_arguments(output_dir, **overrides):
@@ -168,20 +175,10 @@ def _shorten(monkeypatch) -> None:
         monkeypatch.setattr(module, "load_landsat7_nc", lambda: landsat)
         monkeypatch.setattr(module, "load_sentinel2_brandenburg", lambda: sentinel)
     for module in (dgss, train):
-        monkeypatch.setattr(module, "TrainConfig", short_config)
+        monkeypatch.setattr(module, "TrainConfig", ShortTrainConfig)
     for module in (dgss, tiles):
         monkeypatch.setattr(module, "RandomCrops", FewCrops)
     monkeypatch.setattr(trainer, "paper_training_arguments", short_arguments)
-
-
-def _with_defaults(cls, **defaults):
-    """``cls`` with other defaults; explicit arguments win."""
-
-    def make(*args, **kwargs):
-        return cls(*args, **{**defaults, **kwargs})
-
-    make.__wrapped__ = cls
-    return make
 
 
 # what the prose around the snippets says the reader already has, per file
@@ -318,7 +315,8 @@ def test_the_parser_finds_blocks_markers_and_line_numbers(tmp_path):
                     "```bash\nls\n```\n")
     found = blocks(page)
     assert [(b.line, b.code, b.skip) for b in found] == [(4, "a = 1\n", None), (9, "b = 2\n", "needs a GPU")]
-    page.write_text("- item\n\n  <!-- snippet: skip (needs torchrun (2 processes)) -->\n  ```python\n  if True:\n      d = 4\n  ```\n")
+    page.write_text("- item\n\n  <!-- snippet: skip (needs torchrun (2 processes)) -->\n"
+                    "  ```python\n  if True:\n      d = 4\n  ```\n")
     assert [(b.line, b.code, b.skip) for b in blocks(page)] == [
         (5, "if True:\n    d = 4\n", "needs torchrun (2 processes)")]
     page.write_text("<!-- snippet: skip () -->\n```python\nc = 3\n```\n")
@@ -409,7 +407,6 @@ def _api_table() -> dict[str, str]:
 
 def test_api_md_documents_every_config_field_with_its_default():
     import ast
-    import dataclasses
 
     from peft import PeftConfig
 
