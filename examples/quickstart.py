@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
         batch = torch.arange(step * 2, step * 2 + 2) % 8
         tokens = model(pixel_values=images[batch]).last_hidden_state[:, 1:]  # drop CLS
         task = torch.nn.functional.cross_entropy(head(tokens).flatten(0, 1), labels[batch].flatten())
-        loss = task + model.get_aux_loss()  # the load-balancing loss of this forward
+        loss = task  # the load-balancing loss is already in the graph (aux_loss_in_graph=True): don't add it
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", aux=f"{model.get_aux_loss().item():.4f}")  # aux: for logging
 
     loads = {block: stats["visual"].expert_load.tolist() for block, stats in model.get_routing_stats().items()}
     for block, load in loads.items():

@@ -105,7 +105,7 @@ def load_landsat7_nc() -> Scene:
 
 def load_sentinel2_brandenburg() -> Scene:
     """Sentinel-2 L1C, Brandenburg, 2017-02-16: B02,B03,B04,B08 at 10 m and B11,B12 upsampled from 20 m
-    (1536 x 768 px, TOA reflectance x 1e4); labels rasterized from OSM land-use polygons (31% of pixels)."""
+    (1536 x 768 px, TOA reflectance x 1e4); labels rasterized from OSM land-use polygons (30% of pixels)."""
     rasterio = _require_geo()
     import pyogrio
     import shapely
