@@ -66,6 +66,7 @@ class DemoConfig:
     eval_crop: Optional[int] = None  # evaluate on a centred window of this size only (quick runs)
     progress: bool = True
     device: Optional[str] = None  # None: CUDA when available, else the CPU
+    adapter_overrides: dict = field(default_factory=dict)  # extra SpectralMoEConfig fields (sweeps, ablations)
     scenes: Optional[tuple[Scene, Scene]] = field(default=None, repr=False)  # (source, target); default: the pair
 
     def __post_init__(self) -> None:
@@ -103,6 +104,7 @@ def _wrap(method: str, base: nn.Module, to_save: list[str], config: DemoConfig, 
         depth_input_rescale=0.25, depth_input_offset=0.5,
         depth_model_name_or_path=None if config.depth_model == TINY else config.depth_model,
         **({"depth_image_mean": normalization[0], "depth_image_std": normalization[1]} if normalization else {}),
+        **config.adapter_overrides,
     )
     return get_peft_model(base, moe)
 
