@@ -62,8 +62,9 @@ class SpectralMoEModel(BaseTuner):
             if isinstance(module, SpectralMoELayer):
                 raise ValueError(
                     "This base model already carries SpectralMoE adapters of another PeftModel (get_peft_model called "
-                    "twice on the same model, e.g. by re-running a notebook cell): build a fresh base model, or add "
-                    "another adapter to the existing one with peft_model.add_adapter(name, config)."
+                    "twice on the same model, e.g. by re-running a notebook cell, or PeftModel.from_pretrained onto a "
+                    "model that get_peft_model already wrapped): build a fresh base model, or add another adapter to "
+                    "the existing one with peft_model.add_adapter(name, config) / load_adapter(path, name)."
                 )
         self.spectralmoe_token_to_feature = nn.ModuleDict()
         self.spectralmoe_delta = nn.ModuleDict()
