@@ -25,9 +25,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class SpectralMoEConfig(PeftConfig):
     """Configuration of a SpectralMoE adapter (arXiv 2603.13352).
 
-    Defaults follow the paper's released configuration. The adapter refines the patch tokens after each targeted ViT
-    block with dual-gated top-k mixtures of low-rank token experts, guided by depth features fused in by
-    cross-attention. See ``docs/method.md`` for the math.
+    The adapter refines the patch tokens after each targeted ViT block with dual-gated top-k mixtures of low-rank
+    token experts, guided by depth features fused in by cross-attention. See ``docs/method.md`` for the math.
+
+    Defaults from the paper's released code: ``num_experts=6``, ``top_k=1``, ``expert_rank=16``, ``num_tokens=100``,
+    ``gating="laplace"``, ``noisy_gating=True``, ``share_gates=False``, ``fusion="cross_attention"``,
+    ``scale_init=1e-3``, and ``init_weights="paper"`` reproduces its initialization. Not from it (each measured or
+    argued in ``docs/method.md``): ``init_weights=True`` (PEFT's exact identity at init: W_delta = 0, N(0, 1/D) gates
+    instead of zero gates), the balance loss's weight and reduction (``balance_loss_weight``,
+    ``balance_loss_reduction``: the released code adds 1e3 x the mean over layers to a loss its router alone sees),
+    ``aux_loss_in_graph`` and ``balancing`` (beyond the paper).
     """
 
     # --- experts and routing -------------------------------------------------------------------------------------
