@@ -331,6 +331,11 @@ def test_a_multi_band_adapter_loads_onto_the_rgb_base_and_widens_it(tmp_path, sa
     assert rgb_base.embeddings.patch_embeddings.in_channels == 6
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+    loaded.load_adapter(tmp_path, adapter_name="again")  # a second adapter on the widened (and wrapped) embedding
+    assert loaded.peft_config["again"].widened_patch_embedding == path
+    loaded.set_adapter("again")
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
     # the old way (widening the fresh base by hand first) keeps working
     by_hand = dinov3()
     widen_patch_embedding(by_hand, 6, rgb_band_indices=[2, 1, 0])

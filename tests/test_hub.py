@@ -388,3 +388,49 @@ def test_shareable_name(name, expected):
     from spectralmoe_peft.hub import shareable_name
 
     assert shareable_name(name) == expected
+
+
+def test_a_upernet_built_by_dgss_gets_the_build_call_and_it_reproduces_the_model(hub_cache, tmp_path):
+    """dgss.build_upernet builds the UperNet from a Hub backbone (the UperNet itself has no Hub id): the card's
+    recipe rebuilds it with build_upernet, and the adapter widens the backbone to 6 bands again on load."""
+    from spectralmoe_peft.dgss import build_upernet
+
+    publish(hub_cache, "tiny-org/dinov2", make_model("dinov2"))
+    base, to_save = build_upernet(num_bands=6, num_classes=3, backbone="tiny-org/dinov2", head_hidden_size=16)
+    model = get_peft_model(base, SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, use_depth=False,
+                                                   init_weights=False, rgb_band_indices=[2, 1, 0],
+                                                   modules_to_save=to_save))
+    perturb_trainable(model)
+    model.eval()
+    x = torch.rand(2, 6, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    (code,) = recipes(text)  # no Hub id of its own: no AutoPeftModel
+    assert "build_upernet(num_bands=3, num_classes=3, backbone='tiny-org/dinov2', head_hidden_size=16" in code
+    assert "from 3 to 6 input bands" in text and "<Hub id" not in text
+    with torch.no_grad():
+        assert torch.equal(run_recipe(code, tmp_path / "adapter")(pixel_values=x).logits, expected)
+
+
+def test_a_base_model_named_on_the_card_makes_autopeftmodel_work(hub_cache, tmp_path):
+    """Trained on a local copy of a Hub model: set_model_card_info(base_model=<Hub id>) names it in the card and in
+    the config, so AutoPeftModel loads it from the Hub."""
+    import transformers as tf
+
+    snapshot = publish(hub_cache, "tiny-org/vit", make_model("vit"))
+    shutil.copytree(snapshot, tmp_path / "local-copy")
+    model = get_peft_model(tf.ViTModel.from_pretrained(str(tmp_path / "local-copy")),
+                           SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, init_weights=False,
+                                             use_depth=False)).eval()
+    spectralmoe_peft.set_model_card_info(model, base_model="tiny-org/vit")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    assert str(tmp_path) not in text and "AutoPeftModel" in recipes(text)[0]
+    for code in recipes(text):
+        with torch.no_grad():
+            assert torch.equal(run_recipe(code, tmp_path / "adapter")(pixel_values=x).last_hidden_state, expected)
