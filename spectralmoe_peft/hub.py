@@ -106,6 +106,7 @@ def _check_names(name: str, value: Any, what: str) -> None:
 REPO_PLACEHOLDER = "<this repo or folder>"
 BASE_PLACEHOLDER = "<Hub id of the base model>"
 DEPTH_PLACEHOLDER = "<Hub id of the depth model>"
+BACKBONE_PLACEHOLDER = "<Hub id of the backbone>"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUB_CACHE = re.compile(r"(?:^|[\\/])models--([^\\/]+)[\\/]snapshots[\\/]")
 
@@ -181,11 +182,12 @@ def _dgss_upernet_call(base_model: Any) -> Optional[str]:
     the decode head and widened embedding come from the adapter, the rest from the backbone's Hub weights."""
     config = getattr(base_model, "config", None)
     backbone = getattr(base_model, "backbone", None)
-    backbone_id = shareable_name(getattr(getattr(backbone, "config", None), "_name_or_path", None))
-    if type(base_model).__name__ != "UperNetForSemanticSegmentation" or backbone_id is None:
+    backbone_name = getattr(getattr(backbone, "config", None), "_name_or_path", None)
+    if type(base_model).__name__ != "UperNetForSemanticSegmentation" or not backbone_name:
         return None
     if list(config.pool_scales) != [1, 2, 3, 6] or config.use_auxiliary_head:
         return None
+    backbone_id = shareable_name(backbone_name) or BACKBONE_PLACEHOLDER
     return (f"build_upernet(num_bands=3, num_classes={config.num_labels}, backbone={backbone_id!r}, "
             f"head_hidden_size={config.hidden_size}, ignore_index={config.loss_ignore_index})")
 
@@ -254,14 +256,17 @@ def model_card_section(model: Any, adapter_name: str = "default", repo_id: Optio
         raw = _raw_base_name(model)
         notes.append("the base model was " + ("loaded from a local folder" if raw else "built from its config")
                      + f": replace `{BASE_PLACEHOLDER}` with the Hub id (or folder) of the same base model")
+    if dgss_call is not None and BACKBONE_PLACEHOLDER in dgss_call:
+        notes.append(f"the backbone was loaded from a local folder: replace `{BACKBONE_PLACEHOLDER}` with the Hub id "
+                     "(or folder) of the same backbone")
     if depth_source_model and depth is None:
         notes.append(f"the depth model's Hub id is not known (attached as an object, or loaded from a local folder): "
                      f"replace `{DEPTH_PLACEHOLDER}` with it")
     if notes:
         lines += ["", "Note: " + "; ".join(notes) + "."]
 
-    lines += ["", "### Details", "", f"- Base model: `{base or dgss_call and 'built by spectralmoe_peft.dgss' or 'not recorded'}`"
-              f" (`{base_cls.__name__}`)"]
+    described = f"`{base}`" if base else "built by `spectralmoe_peft.dgss.build_upernet`" if dgss_call else "not recorded"
+    lines += ["", "### Details", "", f"- Base model: {described} (`{base_cls.__name__}`)"]
     if config.use_depth:
         source = f"`{depth or 'not recorded'}`"
         if config.depth_source == "elevation":
