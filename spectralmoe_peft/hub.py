@@ -154,9 +154,10 @@ def _depth_model_name(model: Any, config: Any) -> Optional[str]:
 def record_hub_ids(model: Any) -> None:
     """Before a save, name in each SpectralMoE adapter config what a reload needs, when known as Hub ids: the base
     model (``base_model_name_or_path``, which ``AutoPeftModel`` loads; from set_model_card_info when the model's own
-    name is a local path or empty) and a depth model attached as an object (``depth_model_name_or_path``, loaded
-    again on the first forward after a reload)."""
-    depth = _attached_depth_id(model)
+    name is a local path or empty) and the depth model (``depth_model_name_or_path``, loaded again on the first
+    forward after a reload: the attached model's Hub id, else the one given to set_model_card_info)."""
+    info = getattr(model.base_model, "model_card_info", {}) or {}
+    depth = _attached_depth_id(model) or shareable_name(info.get("depth_model"))
     for config in model.peft_config.values():
         if config.peft_type != SPECTRALMOE:
             continue

@@ -413,18 +413,30 @@ def test_a_upernet_built_by_dgss_gets_the_build_call_and_it_reproduces_the_model
     with torch.no_grad():
         assert torch.equal(run_recipe(code, tmp_path / "adapter")(pixel_values=x).logits, expected)
 
+    # the same from a local copy of the backbone: a placeholder and a note, no path
+    local = tmp_path / "local-backbone"
+    make_model("dinov2").save_pretrained(local)
+    base, to_save = build_upernet(num_bands=6, num_classes=3, backbone=str(local), head_hidden_size=16)
+    model = get_peft_model(base, SpectralMoEConfig(use_depth=False, modules_to_save=to_save))
+    model.save_pretrained(tmp_path / "local-adapter")
+    text = (tmp_path / "local-adapter" / "README.md").read_text()
+    assert str(tmp_path) not in text and "backbone='<Hub id of the backbone>'" in text
+    assert "the backbone was loaded from a local folder: replace `<Hub id of the backbone>`" in text
 
-def test_a_base_model_named_on_the_card_makes_autopeftmodel_work(hub_cache, tmp_path):
-    """Trained on a local copy of a Hub model: set_model_card_info(base_model=<Hub id>) names it in the card and in
-    the config, so AutoPeftModel loads it from the Hub."""
+
+def test_models_named_on_the_card_make_autopeftmodel_work(hub_cache, tmp_path):
+    """Trained on a local copy of a Hub model, with a depth model attached as an object without a name:
+    set_model_card_info(base_model=..., depth_model=...) names them in the card and in the config, so AutoPeftModel
+    loads both from the Hub."""
     import transformers as tf
 
     snapshot = publish(hub_cache, "tiny-org/vit", make_model("vit"))
     shutil.copytree(snapshot, tmp_path / "local-copy")
     model = get_peft_model(tf.ViTModel.from_pretrained(str(tmp_path / "local-copy")),
-                           SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, init_weights=False,
-                                             use_depth=False)).eval()
-    spectralmoe_peft.set_model_card_info(model, base_model="tiny-org/vit")
+                           SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, init_weights=False)).eval()
+    model.set_depth_model(make_depth_model())  # built from a config: no name
+    publish(hub_cache, "tiny-org/depth", make_depth_model())  # the same weights, on the Hub
+    spectralmoe_peft.set_model_card_info(model, base_model="tiny-org/vit", depth_model="tiny-org/depth")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(pixel_values=x).last_hidden_state
@@ -432,5 +444,7 @@ def test_a_base_model_named_on_the_card_makes_autopeftmodel_work(hub_cache, tmp_
     text = (tmp_path / "adapter" / "README.md").read_text()
     assert str(tmp_path) not in text and "AutoPeftModel" in recipes(text)[0]
     for code in recipes(text):
+        loaded = run_recipe(code, tmp_path / "adapter")
         with torch.no_grad():
-            assert torch.equal(run_recipe(code, tmp_path / "adapter")(pixel_values=x).last_hidden_state, expected)
+            assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+        assert loaded.base_model.depth_model.config._name_or_path == "tiny-org/depth"
