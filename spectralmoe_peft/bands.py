@@ -213,6 +213,9 @@ def _record_bands(config: Any, path: str, channels: int, marker: Optional[dict])
                 "spectralmoe_peft.bands) before get_peft_model."
             )
     updates: dict[str, Any] = {"num_input_bands": channels}
+    # an adapter saved before bands were recorded, loaded onto a base widened by hand: record what it was trained
+    # with, never change which bands its depth stream reads
+    loading = config.inference_mode
     if marker is not None:
         for name in ("band_wavelengths_nm", "band_names"):
             if given[name] is not None and marker[name] is not None and list(given[name]) != marker[name]:
@@ -220,19 +223,24 @@ def _record_bands(config: Any, path: str, channels: int, marker: Optional[dict])
                     f"SpectralMoEConfig.{name}: {given[name]} disagrees with the {marker[name]} the patch embedding "
                     f"'{path}' was widened for: give the same bands to both (or only to widen_patch_embedding)."
                 )
+        for name in ("band_names",) if loading else ("band_wavelengths_nm", "band_names"):
             if given[name] is None and marker[name] is not None:
                 updates[name] = marker[name]
-        if config.rgb_band_indices is None and updates.get("band_wavelengths_nm", given["band_wavelengths_nm"]) is None:
+        if not loading and config.rgb_band_indices is None and config.band_wavelengths_nm is None \
+                and updates.get("band_wavelengths_nm") is None:
             updates["rgb_band_indices"] = marker["rgb_band_indices"]
-        updates["widened_patch_embedding"] = path
+        saved = any(f".{m}." in f".{path}." for m in config.modules_to_save or [])
+        if not loading or saved or config.resolved_rgb_band_indices() == marker["rgb_band_indices"]:
+            updates["widened_patch_embedding"] = path  # a reload onto the RGB base rebuilds the same weights
     candidate = _with(config, **updates)
-    if marker is not None and candidate.resolved_rgb_band_indices() != marker["rgb_band_indices"]:
+    if marker is not None and not loading and candidate.resolved_rgb_band_indices() != marker["rgb_band_indices"]:
         raise ValueError(
             f"SpectralMoEConfig.rgb_band_indices: the adapter would give the depth model bands "
             f"{candidate.resolved_rgb_band_indices()} as R, G, B, but the patch embedding '{path}' was widened with its "
             f"R, G, B filters on bands {marker['rgb_band_indices']}: give both the same bands."
         )
-    if candidate.rgb_band_indices is None and candidate.band_wavelengths_nm is None and candidate.band_names:
+    if candidate.rgb_band_indices is None and candidate.band_wavelengths_nm is None and candidate.band_names \
+            and not loading:
         candidate = _with(candidate, rgb_band_indices=rgb_from_band_names(candidate.band_names))
     if channels >= 3:
         candidate = _with(candidate, rgb_band_indices=candidate.resolved_rgb_band_indices())

@@ -374,3 +374,18 @@ def test_band_mistakes_are_refused_when_the_adapter_is_created():
         widen_patch_embedding(dinov3(), 5, band_names=["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="no distinct bands near"):
         widen_patch_embedding(dinov3(), band_wavelengths_nm=[1600, 1610, 2190])
+
+
+def test_an_adapter_saved_before_bands_were_recorded_keeps_its_bands_on_a_base_widened_by_hand(tmp_path):
+    """0.1.0 configs have no band fields: loaded onto a base widened by hand (R, G, B filters on bands 2, 1, 0), the
+    adapter keeps reading bands 0, 1, 2 for depth, as it was trained, and records that."""
+    get_peft_model(dinov3(num_channels=6), config(use_depth=False)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    for name in ("num_input_bands", "band_names", "widened_patch_embedding", "rgb_band_indices"):
+        saved.pop(name)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    base = dinov3()
+    widen_patch_embedding(base, band_names=["B02", "B03", "B04", "B08", "B11", "B12"], rgb_band_indices=[2, 1, 0])
+    loaded = PeftModel.from_pretrained(base, tmp_path).peft_config["default"]
+    assert (loaded.num_input_bands, loaded.rgb_band_indices, loaded.widened_patch_embedding) == (6, [0, 1, 2], None)
+    assert loaded.band_names == ["B02", "B03", "B04", "B08", "B11", "B12"]
