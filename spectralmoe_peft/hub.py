@@ -114,14 +114,15 @@ _HUB_CACHE = re.compile(r"(?:^|[\\/])models--([^\\/]+)[\\/]snapshots[\\/]")
 def shareable_name(name_or_path: Optional[str]) -> Optional[str]:
     """A Hub id as is; a folder of the Hub cache as its repo id; any other local path (or nothing) as None.
 
-    Local means what ``from_pretrained`` would read from disk: an existing path, or anything not shaped like a Hub
-    id (absolute, ``./``, ``~``, backslashes, more than one ``/``)."""
+    Local means anything not shaped like a Hub id (absolute, ``./``, ``~``, backslashes, more than one ``/``), or an
+    existing folder without an owner part (``depth``). A relative folder shaped like ``owner/name`` is taken for
+    the Hub id it mirrors (as ``snapshot_download(repo_id, local_dir=repo_id)`` leaves it)."""
     if not name_or_path or not isinstance(name_or_path, str):
         return None
     cached = _HUB_CACHE.search(name_or_path)
     if cached:
         return cached.group(1).replace("--", "/", 1)
-    if os.path.exists(name_or_path) or not _HUB_ID.match(name_or_path):
+    if not _HUB_ID.match(name_or_path) or ("/" not in name_or_path and os.path.exists(name_or_path)):
         return None
     return name_or_path
 

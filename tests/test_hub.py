@@ -383,10 +383,14 @@ def test_no_local_path_reaches_the_card_or_the_config(tmp_path):
     ("./model", None), ("~/models/x", None), ("a/b/c", None), ("C:\\models\\x", None),
     ("/home/u/.cache/huggingface/hub/models--depth-anything--Depth-Anything-V2-Small-hf/snapshots/abc",
      "depth-anything/Depth-Anything-V2-Small-hf"),
+    ("depth", None), ("org/mirrored", "org/mirrored"),  # existing relative folders (made below)
 ])
-def test_shareable_name(name, expected):
+def test_shareable_name(name, expected, tmp_path, monkeypatch):
     from spectralmoe_peft.hub import shareable_name
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "depth").mkdir()
+    (tmp_path / "org" / "mirrored").mkdir(parents=True)
     assert shareable_name(name) == expected
 
 
