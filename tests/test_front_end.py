@@ -90,9 +90,9 @@ def test_alignment_ramp_lands_on_the_matching_visual_tokens():
     layer = next(m for m in model.modules() if isinstance(m, SpectralMoELayer) and m.block_index == 2)
     original = layer.refine
 
-    def spy(feats, depth, adapter_name, valid=None):
+    def spy(feats, depth, adapter_name, valid=None, **kwargs):
         seen["depth"] = depth
-        return original(feats, depth, adapter_name, valid=valid)
+        return original(feats, depth, adapter_name, valid=valid, **kwargs)
 
     layer.refine = spy
     model(pixel_values=torch.rand(1, 3, 96, 160))  # visual grid 6 x 10; depth input 98 x 154 -> grid 7 x 11
@@ -200,9 +200,9 @@ def test_nodata_patches_stay_out_of_routing_statistics():
     layer = next(m for m in model.modules() if isinstance(m, SpectralMoELayer))
     masks, original = [], layer.refine
 
-    def spy(feats, depth, adapter_name, valid=None):
+    def spy(feats, depth, adapter_name, valid=None, **kwargs):
         masks.append(valid)
-        return original(feats, depth, adapter_name, valid=valid)
+        return original(feats, depth, adapter_name, valid=valid, **kwargs)
 
     layer.refine = spy
     x = torch.rand(1, 4, 64, 64)
