@@ -80,6 +80,23 @@ class SpectralMoEConfig(PeftConfig):
     band_wavelengths_nm: Optional[list[float]] = field(
         default=None, metadata={"help": "Centre wavelength of each input band (nm); picks R, G, B when not given."}
     )
+    num_input_bands: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Input bands of the model the adapter was made on; recorded when the adapter is created. A reload "
+            "onto the RGB base widens its patch embedding to this many bands (see widened_patch_embedding)."
+        },
+    )
+    band_names: Optional[list[str]] = field(
+        default=None, metadata={"help": "Name of each input band (e.g. 'B02'), when known; recorded for the card."}
+    )
+    widened_patch_embedding: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Module path of the patch embedding that widen_patch_embedding widened from RGB (recorded when the "
+            "adapter is created); PeftModel.from_pretrained on the RGB base widens it again."
+        },
+    )
     nodata_value: Optional[Union[float, list[float]]] = field(
         default=None,
         metadata={
@@ -178,6 +195,19 @@ class SpectralMoEConfig(PeftConfig):
         self.peft_type = SPECTRALMOE
         self._validate()
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` without local paths (a folder to share must not name this machine's files):
+        a local base or depth model is written as None (the model card says what to load instead); a Hub cache
+        folder becomes its repo id. The config in memory keeps its values."""
+        from .hub import shareable_name
+
+        import copy
+
+        shared = copy.copy(self)
+        shared.base_model_name_or_path = shareable_name(self.base_model_name_or_path)
+        shared.depth_model_name_or_path = shareable_name(self.depth_model_name_or_path)
+        super(SpectralMoEConfig, shared).save_pretrained(save_directory, **kwargs)
+
     def resolved_rgb_band_indices(self) -> list[int]:
         """R, G, B input channels: as given, else nearest to 665/560/490 nm, else [0, 1, 2]."""
         if self.rgb_band_indices is not None:
@@ -245,51 +275,7 @@ class SpectralMoEConfig(PeftConfig):
             path = self.depth_model_name_or_path = os.fspath(path)
         check(path is None or (isinstance(path, str) and path.strip() != ""), "depth_model_name_or_path",
               "must be None or a Hub id / local path")
-        bands = self.rgb_band_indices
-        check(
-            bands is None
-            or (
-                isinstance(bands, (list, tuple))
-                and len(bands) == 3
-                and all(_is_int(b) and b >= 0 for b in bands)
-                and len(set(bands)) == 3
-            ),
-            "rgb_band_indices",
-            "must be None or three distinct non-negative channel indices (R, G, B)",
-        )
-        if bands is not None:
-            self.rgb_band_indices = [int(b) for b in bands]
-        wavelengths = self.band_wavelengths_nm
-        check(
-            wavelengths is None
-            or (
-                isinstance(wavelengths, (list, tuple))
-                and len(wavelengths) >= 3
-                and all(_is_number(w) and math.isfinite(w) and w > 0 for w in wavelengths)
-            ),
-            "band_wavelengths_nm",
-            "must be None or one positive wavelength (nm) per input band, at least 3",
-        )
-        if wavelengths is not None:
-            self.band_wavelengths_nm = [float(w) for w in wavelengths]
-            nearest = _nearest_bands(self.band_wavelengths_nm)
-            if bands is None:
-                check(
-                    len(set(nearest)) == 3,
-                    "band_wavelengths_nm",
-                    f"has no distinct bands near 665/560/490 nm (picked {nearest}); set rgb_band_indices instead",
-                )
-            else:
-                check(max(bands) < len(wavelengths), "rgb_band_indices",
-                      f"is out of range for the {len(wavelengths)} bands of band_wavelengths_nm")
-                # both given and disagreeing: one would silently win; agreeing (e.g. both recorded) is harmless
-                check(
-                    self.rgb_band_indices == nearest,
-                    "band_wavelengths_nm",
-                    f"picks bands {nearest} for R, G, B (nearest 665/560/490 nm), but rgb_band_indices="
-                    f"{self.rgb_band_indices} was given too. Give only one of them: rgb_band_indices alone chooses "
-                    "the bands; band_wavelengths_nm alone picks those nearest the R, G, B wavelengths",
-                )
+        self._validate_bands()
         nodata = self.nodata_value
         check(
             nodata is None or _is_number(nodata) or (_is_numbers(nodata) and len(nodata) >= 1),
@@ -362,6 +348,86 @@ class SpectralMoEConfig(PeftConfig):
         )
         if value is not None:
             self.modules_to_save = list(value)
+
+
+    def _validate_bands(self) -> None:
+        """The band fields and their agreement (also run when the adapter records the model's bands)."""
+
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ValueError(f"SpectralMoEConfig.{name}: {message} (got {getattr(self, name)!r}).")
+
+        bands = self.rgb_band_indices
+        check(
+            bands is None
+            or (
+                isinstance(bands, (list, tuple))
+                and len(bands) == 3
+                and all(_is_int(b) and b >= 0 for b in bands)
+                and len(set(bands)) == 3
+            ),
+            "rgb_band_indices",
+            "must be None or three distinct non-negative channel indices (R, G, B)",
+        )
+        if bands is not None:
+            self.rgb_band_indices = [int(b) for b in bands]
+        wavelengths = self.band_wavelengths_nm
+        check(
+            wavelengths is None
+            or (
+                isinstance(wavelengths, (list, tuple))
+                and len(wavelengths) >= 3
+                and all(_is_number(w) and math.isfinite(w) and w > 0 for w in wavelengths)
+            ),
+            "band_wavelengths_nm",
+            "must be None or one positive wavelength (nm) per input band, at least 3",
+        )
+        if wavelengths is not None:
+            self.band_wavelengths_nm = [float(w) for w in wavelengths]
+            nearest = _nearest_bands(self.band_wavelengths_nm)
+            if bands is None:
+                check(
+                    len(set(nearest)) == 3,
+                    "band_wavelengths_nm",
+                    f"has no distinct bands near 665/560/490 nm (picked {nearest}); set rgb_band_indices instead",
+                )
+            else:
+                check(max(bands) < len(wavelengths), "rgb_band_indices",
+                      f"is out of range for the {len(wavelengths)} bands of band_wavelengths_nm")
+                # both given and disagreeing: one would silently win; agreeing (e.g. both recorded) is harmless
+                check(
+                    self.rgb_band_indices == nearest,
+                    "band_wavelengths_nm",
+                    f"picks bands {nearest} for R, G, B (nearest 665/560/490 nm), but rgb_band_indices="
+                    f"{self.rgb_band_indices} was given too. Give only one of them: rgb_band_indices alone chooses "
+                    "the bands; band_wavelengths_nm alone picks those nearest the R, G, B wavelengths",
+                )
+        count = self.num_input_bands
+        check(count is None or (_is_int(count) and count >= 1), "num_input_bands", "must be None or an integer >= 1")
+        if count is not None:
+            self.num_input_bands = int(count)
+        names = self.band_names
+        check(
+            names is None
+            or (isinstance(names, (list, tuple)) and len(names) >= 1 and all(isinstance(n, str) and n for n in names)
+                and len(set(names)) == len(names)),
+            "band_names",
+            "must be None or one distinct, non-empty name per input band",
+        )
+        if names is not None:
+            self.band_names = list(names)
+        for name in ("band_wavelengths_nm", "band_names"):
+            value = getattr(self, name)
+            check(value is None or count is None or len(value) == count, name,
+                  f"must list one entry per input band (num_input_bands={count})")
+        if wavelengths is not None and names is not None:
+            check(len(names) == len(wavelengths), "band_names",
+                  f"must list as many bands as band_wavelengths_nm ({len(wavelengths)})")
+        if bands is not None and count is not None:
+            check(max(bands) < count, "rgb_band_indices", f"is out of range for num_input_bands={count}")
+        path = self.widened_patch_embedding
+        check(path is None or (isinstance(path, str) and path.strip() != ""), "widened_patch_embedding",
+              "must be None or a module path (what widen_patch_embedding returned)")
 
 
 def _is_int(value: object) -> bool:

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule
 from torch import Tensor, nn
 
 from .architectures import BlockStack, find_block_stack, patch_size_of
+from .bands import prepare_input_bands
 from .config import SpectralMoEConfig
 from .depth import (
     area_validity,
@@ -145,6 +146,7 @@ class SpectralMoEModel(BaseTuner):
         check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         self._setup_shared_state(model)
+        prepare_input_bands(model, config)  # records the bands, or widens the RGB base a multi-band adapter needs
         stack = find_block_stack(model, config.num_prefix_tokens)
         object.__setattr__(self, "_block_stack", stack)
         self._hook_forward_entries(model, stack)

@@ -7,6 +7,8 @@ has to add itself to both; this module does so with the standard library only, i
 
 from __future__ import annotations
 
+from typing import Optional
+
 from peft.utils import PeftType
 
 METHOD_NAME = "spectralmoe"
@@ -81,14 +83,14 @@ def _extend_model_card() -> None:
         return
     original = PeftModel.create_or_update_model_card
 
-    def create_or_update_model_card(self, output_dir: str):
+    def create_or_update_model_card(self, output_dir: str, repo_id: Optional[str] = None):
         original(self, output_dir)
         name = getattr(self, "active_adapter", "default")
         config = self.peft_config.get(name)
         if config is not None and config.peft_type == SPECTRALMOE:
             from .hub import write_model_card
 
-            write_model_card(self, output_dir, name)
+            write_model_card(self, output_dir, name, repo_id=repo_id)
 
     create_or_update_model_card._smoe = 1
     PeftModel.create_or_update_model_card = create_or_update_model_card
@@ -96,7 +98,8 @@ def _extend_model_card() -> None:
 
 def _keep_model_card_on_push() -> None:
     """transformers' ``push_to_hub`` saves the folder, then overwrites its README.md with the Hub repo's card (or an
-    empty template): write the SpectralMoE card into it again just before the upload, so it reaches the Hub."""
+    empty template): write the SpectralMoE card into it again just before the upload, so it reaches the Hub, with
+    the repo id in its load recipes."""
     from peft import PeftModel
 
     if getattr(PeftModel._upload_modified_files, "_smoe", 0):
@@ -106,7 +109,8 @@ def _keep_model_card_on_push() -> None:
     def _upload_modified_files(self, working_dir, *args, **kwargs):
         config = self.peft_config.get(getattr(self, "active_adapter", "default"))
         if config is not None and config.peft_type == SPECTRALMOE:
-            self.create_or_update_model_card(working_dir)
+            repo_id = kwargs.get("repo_id", args[0] if args else None)
+            self.create_or_update_model_card(working_dir, repo_id=repo_id if isinstance(repo_id, str) else None)
         return original(self, working_dir, *args, **kwargs)
 
     _upload_modified_files._smoe = 1

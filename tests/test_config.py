@@ -87,6 +87,20 @@ from spectralmoe_peft import SpectralMoEConfig
         # wavelengths would pick other bands than the indices given with them: one would silently win (item 15)
         ({"rgb_band_indices": [0, 1, 2], "band_wavelengths_nm": [490, 560, 665, 842]}, "band_wavelengths_nm"),
         ({"rgb_band_indices": [4, 1, 0], "band_wavelengths_nm": [490, 560, 665, 842]}, "rgb_band_indices"),
+        # the recorded bands (issue 12 item 3): counts, names and R, G, B must agree
+        ({"num_input_bands": 0}, "num_input_bands"),
+        ({"num_input_bands": 6.0}, "num_input_bands"),
+        ({"num_input_bands": "6"}, "num_input_bands"),
+        ({"num_input_bands": 4, "band_wavelengths_nm": [490, 560, 665]}, "band_wavelengths_nm"),
+        ({"num_input_bands": 4, "rgb_band_indices": [4, 1, 0]}, "rgb_band_indices"),
+        ({"band_names": "B02"}, "band_names"),
+        ({"band_names": ["B02", "B02", "B03"]}, "band_names"),
+        ({"band_names": ["B02", ""]}, "band_names"),
+        ({"band_names": ["B02", 3]}, "band_names"),
+        ({"band_names": ["a", "b", "c"], "num_input_bands": 4}, "band_names"),
+        ({"band_names": ["a", "b", "c"], "band_wavelengths_nm": [490, 560, 665, 842]}, "band_names"),
+        ({"widened_patch_embedding": ""}, "widened_patch_embedding"),
+        ({"widened_patch_embedding": ["embeddings"]}, "widened_patch_embedding"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(kwargs, field):
@@ -178,6 +192,8 @@ def test_every_field_round_trips_through_json(tmp_path):
         num_experts=3, top_k=2, expert_rank=4, num_tokens=8, gating="gaussian", noisy_gating=False, share_gates=True,
         use_depth=True, fusion="add", depth_source="model", depth_model_name_or_path="org/depth",
         rgb_band_indices=[2, 1, 0], band_wavelengths_nm=[490, 560, 665, 842], nodata_value=[0, 0, 0, -1],
+        num_input_bands=4, band_names=["B02", "B03", "B04", "B08"],
+        widened_patch_embedding="embeddings.patch_embeddings.projection",
         depth_input_rescale=[1e-4, 1e-4, 2e-4], depth_input_offset=0.1, depth_image_mean=[0.5, 0.5, 0.5],
         depth_image_std=[0.2, 0.2, 0.2], depth_hidden_size=48, depth_num_prefix_tokens=1, scale_init=0.5,
         init_weights="paper", balance_loss_weight=0.0, switch_loss_weight=0.1, router_z_loss_weight=1e-3,
@@ -235,3 +251,20 @@ def test_a_path_object_names_the_depth_model_as_text():
 
     assert SpectralMoEConfig(depth_model_name_or_path=Path("models") / "depth").depth_model_name_or_path == str(
         Path("models") / "depth")
+
+
+def test_a_shared_config_names_no_local_path(tmp_path):
+    """adapter_config.json is meant to be shared: a local base or depth model folder is written as None (a Hub cache
+    folder as its repo id); the config in memory keeps its values."""
+    import json
+
+    local = tmp_path / "models" / "depth"
+    local.mkdir(parents=True)
+    cached = "/root/.cache/huggingface/hub/models--org--vit/snapshots/" + "0" * 40
+    config = SpectralMoEConfig(depth_model_name_or_path=str(local), base_model_name_or_path=cached)
+    config.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["depth_model_name_or_path"] is None and saved["base_model_name_or_path"] == "org/vit"
+    assert config.depth_model_name_or_path == str(local) and config.base_model_name_or_path == cached
+    SpectralMoEConfig(depth_model_name_or_path="org/depth").save_pretrained(tmp_path / "hub")
+    assert PeftConfig.from_pretrained(tmp_path / "hub").depth_model_name_or_path == "org/depth"

@@ -95,4 +95,4 @@ def test_demo_takes_local_backbone_and_depth_model_paths(tmp_path):
     assert results["reload_check"]["identical"]
     config = PeftConfig.from_pretrained(out / "adapters" / "spectralmoe_depth")
     assert "backbone.embeddings.patch_embeddings.projection" in config.modules_to_save
-    assert config.depth_model_name_or_path == str(tmp_path / "depth")
+    assert config.depth_model_name_or_path is None  # a local folder is never written into a shared config

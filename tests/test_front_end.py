@@ -4,6 +4,7 @@ sources, nodata, and reloading with a depth model attached."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -89,9 +90,9 @@ def test_alignment_ramp_lands_on_the_matching_visual_tokens():
     layer = next(m for m in model.modules() if isinstance(m, SpectralMoELayer) and m.block_index == 2)
     original = layer.refine
 
-    def spy(feats, depth, adapter_name, valid=None):
+    def spy(feats, depth, adapter_name, valid=None, **kwargs):
         seen["depth"] = depth
-        return original(feats, depth, adapter_name, valid=valid)
+        return original(feats, depth, adapter_name, valid=valid, **kwargs)
 
     layer.refine = spy
     model(pixel_values=torch.rand(1, 3, 96, 160))  # visual grid 6 x 10; depth input 98 x 154 -> grid 7 x 11
@@ -126,12 +127,22 @@ def test_bands_by_wavelength():
     torch.testing.assert_close(seen["x"], (x[:, [3, 2, 1]] - mean) / std)
 
 
-def test_reload_in_a_fresh_process_finds_the_depth_model_by_path(tmp_path):
-    depth_anything().save_pretrained(tmp_path / "depth")
+def test_reload_in_a_fresh_process_finds_the_depth_model_by_hub_id(tmp_path):
+    """The depth model named by its Hub id (here served from a local Hub cache, offline) is saved in the config and
+    loaded again in a fresh process; a local folder is never written into the config (see test_hub.py)."""
+    from test_hub import publish
+
+    cache = tmp_path / "hub-cache"
+    snapshot = publish(cache, "tiny-org/depth-anything", depth_anything())
     processor = {"image_processor_type": "DPTImageProcessor", "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.4]}
-    (tmp_path / "depth" / "preprocessor_config.json").write_text(json.dumps(processor))
+    (snapshot / "preprocessor_config.json").write_text(json.dumps(processor))
     model = get_peft_model(dinov3(num_channels=4), config(rgb_band_indices=[2, 1, 0]))
-    model.set_depth_model(str(tmp_path / "depth"))
+    import huggingface_hub.constants as constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        model.set_depth_model("tiny-org/depth-anything")
     assert model.peft_config["default"].depth_image_mean == [0.4, 0.5, 0.6]  # read from its image processor
     model.eval()
     x = torch.rand(2, 4, 48, 64)
@@ -148,13 +159,16 @@ def test_reload_in_a_fresh_process_finds_the_depth_model_by_path(tmp_path):
         from peft import PeftModel
         from test_front_end import dinov3
         model = PeftModel.from_pretrained(dinov3(num_channels=4), {str(tmp_path / "adapter")!r}).eval()
-        with torch.no_grad():   # no set_depth_model: the path saved in the config is loaded
+        with torch.no_grad():   # no set_depth_model: the Hub id saved in the config is loaded
             out = model(pixel_values=torch.load({str(tmp_path / "x.pt")!r})).last_hidden_state
         assert model.base_model.depth_model is not None
         torch.save(out, {str(tmp_path / "out.pt")!r})
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["depth_model_name_or_path"] == (
+        "tiny-org/depth-anything")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
@@ -186,9 +200,9 @@ def test_nodata_patches_stay_out_of_routing_statistics():
     layer = next(m for m in model.modules() if isinstance(m, SpectralMoELayer))
     masks, original = [], layer.refine
 
-    def spy(feats, depth, adapter_name, valid=None):
+    def spy(feats, depth, adapter_name, valid=None, **kwargs):
         masks.append(valid)
-        return original(feats, depth, adapter_name, valid=valid)
+        return original(feats, depth, adapter_name, valid=valid, **kwargs)
 
     layer.refine = spy
     x = torch.rand(1, 4, 64, 64)
@@ -235,10 +249,8 @@ def test_widened_patch_embedding_is_trained_and_saved_with_the_adapter(tmp_path)
 
 
 def test_front_end_errors():
-    model = get_peft_model(dinov3(num_channels=4), config(rgb_band_indices=[4, 1, 0]))
-    model.set_depth_model(depth_anything())
-    with pytest.raises(ValueError, match="out of range"):
-        model(pixel_values=torch.rand(1, 4, 64, 64))
+    with pytest.raises(ValueError, match=r"rgb_band_indices: is out of range for num_input_bands=4"):
+        get_peft_model(dinov3(num_channels=4), config(rgb_band_indices=[4, 1, 0]))  # refused when created
     two_band = get_peft_model(dinov3(num_channels=2), config())
     two_band.set_depth_model(depth_anything())
     with pytest.raises(ValueError, match="3 bands"):
@@ -259,3 +271,121 @@ def test_front_end_errors():
     explicit = get_peft_model(dinov3(), config(depth_num_prefix_tokens=1))
     with pytest.raises(ValueError, match="aspect ratio"):  # 1 + 7 tokens cannot form a 4 x 4-shaped grid
         explicit(pixel_values=torch.rand(1, 3, 64, 64), depth_hidden_states=[torch.rand(1, 8, 48)] * 3)
+
+
+# --- bands travel with the adapter ------------------------------------------------------------------------------------
+SENTINEL2 = dict(band_names=["B02", "B03", "B04", "B08", "B11", "B12"], band_wavelengths_nm=[490, 560, 665, 842, 1610,
+                                                                                              2190])
+
+
+def test_the_adapter_config_records_the_bands_of_the_model_it_is_made_on():
+    native = get_peft_model(dinov3(num_channels=4), config(use_depth=False)).peft_config["default"]
+    assert (native.num_input_bands, native.rgb_band_indices, native.widened_patch_embedding) == (4, [0, 1, 2], None)
+
+    base = dinov3()
+    path = widen_patch_embedding(base, **SENTINEL2)  # R, G, B from the wavelengths: bands 2, 1, 0
+    recorded = get_peft_model(base, config(use_depth=False)).peft_config["default"]
+    assert recorded.num_input_bands == 6 and recorded.rgb_band_indices == [2, 1, 0]
+    assert recorded.band_names == SENTINEL2["band_names"] and recorded.band_wavelengths_nm == [490.0, 560.0, 665.0,
+                                                                                              842.0, 1610.0, 2190.0]
+    assert recorded.widened_patch_embedding == path == "embeddings.patch_embeddings"
+
+    named = dinov3()
+    widen_patch_embedding(named, band_names=["nir", "Blue", "Green", "Red", "swir"])
+    assert get_peft_model(named, config(use_depth=False)).peft_config["default"].rgb_band_indices == [3, 2, 1]
+
+
+def test_widen_by_wavelength_is_widen_by_the_indices_it_picks():
+    by_index, by_wavelength = dinov3(), dinov3()
+    widen_patch_embedding(by_index, 6, rgb_band_indices=[2, 1, 0])
+    widen_patch_embedding(by_wavelength, band_wavelengths_nm=SENTINEL2["band_wavelengths_nm"])
+    torch.testing.assert_close(by_wavelength.embeddings.patch_embeddings.weight,
+                               by_index.embeddings.patch_embeddings.weight, rtol=0, atol=0)
+    # the R filter sits on band 2, scaled by 3/6; band 3 (NIR) gets the mean of R, G, B
+    rgb = dinov3().embeddings.patch_embeddings.weight
+    wide = by_index.embeddings.patch_embeddings.weight
+    torch.testing.assert_close(wide[:, 2], rgb[:, 0] * 0.5)
+    torch.testing.assert_close(wide[:, 3], rgb.mean(dim=1) * 0.5)
+
+
+@pytest.mark.parametrize("saved_embedding", [True, False])
+def test_a_multi_band_adapter_loads_onto_the_rgb_base_and_widens_it(tmp_path, saved_embedding):
+    """PeftModel.from_pretrained(rgb_base, path) widens the patch embedding again: with it in modules_to_save its
+    trained weights are loaded; frozen, the same widening of the same RGB weights reproduces it exactly."""
+    base = dinov3()
+    path = widen_patch_embedding(base, **SENTINEL2)
+    model = get_peft_model(base, config(modules_to_save=[path] if saved_embedding else None))
+    model.set_depth_model(depth_anything())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)  # as trained
+    model.eval()
+    x = torch.rand(2, 6, 64, 64)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(tmp_path)
+    rgb_base = dinov3()
+    loaded = PeftModel.from_pretrained(rgb_base, tmp_path).eval()
+    loaded.set_depth_model(depth_anything())
+    assert rgb_base.embeddings.patch_embeddings.in_channels == 6
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+    loaded.load_adapter(tmp_path, adapter_name="again")  # a second adapter on the widened (and wrapped) embedding
+    assert loaded.peft_config["again"].widened_patch_embedding == path
+    loaded.set_adapter("again")
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+    # the old way (widening the fresh base by hand first) keeps working
+    by_hand = dinov3()
+    widen_patch_embedding(by_hand, 6, rgb_band_indices=[2, 1, 0])
+    loaded = PeftModel.from_pretrained(by_hand, tmp_path).eval()
+    loaded.set_depth_model(depth_anything())
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+
+
+def test_a_base_with_other_bands_is_refused_with_the_call_that_fixes_it(tmp_path):
+    get_peft_model(dinov3(num_channels=6), config(use_depth=False, rgb_band_indices=[2, 1, 0])).save_pretrained(
+        tmp_path / "native")  # a natively 6-band ViT: nothing recorded to widen
+    rgb_base = dinov3()
+    with pytest.raises(ValueError, match=r"trained on 6 input bands.*takes 3: call widen_patch_embedding\(base, "
+                                         r"num_bands=6, rgb_band_indices=\[2, 1, 0\]\)"):
+        PeftModel.from_pretrained(rgb_base, tmp_path / "native")
+    assert rgb_base.embeddings.patch_embeddings.in_channels == 3  # untouched
+    with pytest.raises(ValueError, match="trained on 6 input bands.*takes 4: load it onto a base model whose patch "
+                                         "embedding takes 6 bands"):
+        PeftModel.from_pretrained(dinov3(num_channels=4), tmp_path / "native")
+
+
+def test_band_mistakes_are_refused_when_the_adapter_is_created():
+    with pytest.raises(ValueError, match=r"band_wavelengths_nm: lists 6 bands, but the model's patch embedding .* "
+                                         r"takes 3.*widen_patch_embedding\(model, band_wavelengths_nm=\.\.\.\)"):
+        get_peft_model(dinov3(), config(band_wavelengths_nm=SENTINEL2["band_wavelengths_nm"]))
+    base = dinov3()
+    widen_patch_embedding(base, 6, rgb_band_indices=[2, 1, 0])
+    with pytest.raises(ValueError, match=r"rgb_band_indices: .*\[3, 1, 0\].*widened with its R, G, B filters on "
+                                         r"bands \[2, 1, 0\]"):
+        get_peft_model(base, config(rgb_band_indices=[3, 1, 0]))
+    assert get_peft_model(base, config(rgb_band_indices=[2, 1, 0])).peft_config["default"].num_input_bands == 6
+    with pytest.raises(ValueError, match="already carries PEFT adapters"):
+        widen_patch_embedding(get_peft_model(dinov3(), config(use_depth=False)), 6)
+    with pytest.raises(ValueError, match="band counts disagree"):
+        widen_patch_embedding(dinov3(), 5, band_names=["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="no distinct bands near"):
+        widen_patch_embedding(dinov3(), band_wavelengths_nm=[1600, 1610, 2190])
+
+
+def test_an_adapter_saved_before_bands_were_recorded_keeps_its_bands_on_a_base_widened_by_hand(tmp_path):
+    """0.1.0 configs have no band fields: loaded onto a base widened by hand (R, G, B filters on bands 2, 1, 0), the
+    adapter keeps reading bands 0, 1, 2 for depth, as it was trained, and records that."""
+    get_peft_model(dinov3(num_channels=6), config(use_depth=False)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    for name in ("num_input_bands", "band_names", "widened_patch_embedding", "rgb_band_indices"):
+        saved.pop(name)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    base = dinov3()
+    widen_patch_embedding(base, band_names=["B02", "B03", "B04", "B08", "B11", "B12"], rgb_band_indices=[2, 1, 0])
+    loaded = PeftModel.from_pretrained(base, tmp_path).peft_config["default"]
+    assert (loaded.num_input_bands, loaded.rgb_band_indices, loaded.widened_patch_embedding) == (6, [0, 1, 2], None)
+    assert loaded.band_names == ["B02", "B03", "B04", "B08", "B11", "B12"]

@@ -109,10 +109,15 @@ def test_depth_needs_three_bands_and_in_range_rgb_indices():
     with pytest.raises(ValueError, match="needs 3 bands.*has 2"):
         two_band(pixel_values=images(channels=2))
 
+    with pytest.raises(ValueError, match=r"rgb_band_indices: is out of range for num_input_bands=4"):  # at creation
+        get_peft_model(make_model("dinov2", num_channels=4),
+                       config(use_depth=True, depth_hidden_size=48, rgb_band_indices=[0, 1, 5]))
     four_band = get_peft_model(
-        make_model("dinov2", num_channels=4), config(use_depth=True, depth_hidden_size=48, rgb_band_indices=[0, 1, 5])
+        make_model("dinov2", num_channels=4), config(use_depth=True, depth_hidden_size=48, rgb_band_indices=[0, 1, 2])
     ).eval()
     four_band.set_depth_model(make_depth_model())
+    for cfg in four_band.peft_config.values():
+        cfg.rgb_band_indices = [0, 1, 5]  # changed after creation: caught by the forward
     with pytest.raises(ValueError, match=r"rgb_band_indices=\[0, 1, 5\] is out of range for an input with 4 bands"):
         four_band(pixel_values=images(channels=4))
     # fixing the band choice on the same model works

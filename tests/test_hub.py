@@ -204,3 +204,251 @@ def test_a_depth_model_that_needs_its_own_code_is_refused_and_its_code_never_run
         with torch.no_grad():
             model(pixel_values=torch.rand(1, 3, 32, 32))
     assert not marker.exists()
+
+
+# --- the card's load recipes, executed as written --------------------------------------------------------------------
+# The Hub is stood in for by a local Hub cache in offline mode: models published there under Hub ids load with
+# from_pretrained("org/name") exactly as downloaded ones would, so the card's code runs unchanged (only the
+# adapter's own repo id is filled in, as push_to_hub does).
+
+COMMIT = "0" * 40
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def publish(cache, repo_id, model=None, folder=None):
+    """Put a model (or a folder) into the local Hub cache under ``repo_id``."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    if folder is not None:
+        shutil.copytree(folder, snapshot)
+    else:
+        model.save_pretrained(snapshot)
+    return snapshot
+
+
+def recipes(card_text):
+    """The python blocks of the SpectralMoE section."""
+    import re
+
+    section = card_text[card_text.index("spectralmoe-peft:start"): card_text.index("spectralmoe-peft:end")]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def run_recipe(code, repo):
+    namespace = {}
+    exec(compile(code.replace("<this repo or folder>", str(repo)), "<model card>", "exec"), namespace)
+    return namespace["model"]
+
+
+def perturb_trainable(model):
+    """Move every trainable tensor (adapters, modules_to_save) away from where it started, as training would."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+
+
+def test_card_recipes_run_as_written_and_reproduce_the_trained_model(hub_cache, tmp_path):
+    """A bare backbone, an *ForImageClassification (the `vit.` prefix), a segmentation UperNet (decode head saved),
+    a base widened to 6 bands by wavelength, and depth models given by Hub id (attached as an object or by name):
+    every recipe of each card (AutoPeftModel first) loads a model whose outputs equal the trained one's."""
+    import transformers as tf
+    from tiny_models import main_output
+
+    from spectralmoe_peft.bands import widen_patch_embedding
+
+    publish(hub_cache, "tiny-org/depth", make_depth_model())
+    cases = {
+        "backbone": ("dinov2", tf.Dinov2Model, {}),
+        "classifier": ("vit_classifier", tf.ViTForImageClassification, {}),
+        "upernet": ("upernet_dinov2", tf.UperNetForSemanticSegmentation, {"modules_to_save": ["decode_head"]}),
+        "widened": ("dinov2", tf.Dinov2Model, {"band_wavelengths_nm": [490, 560, 665, 842, 1610, 2190]}),
+    }
+    for case, (family, cls, overrides) in cases.items():
+        publish(hub_cache, f"tiny-org/{case}", make_model(family))
+        base = cls.from_pretrained(f"tiny-org/{case}")
+        bands = 3
+        if case == "widened":
+            path = widen_patch_embedding(base, band_wavelengths_nm=overrides["band_wavelengths_nm"])
+            overrides = {**overrides, "modules_to_save": [path]}
+            bands = 6
+        config = SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, init_weights=False, **overrides)
+        model = get_peft_model(base, config)
+        if case == "classifier":  # an object loaded from the Hub: its id is recorded
+            model.set_depth_model(tf.Dinov2Model.from_pretrained("tiny-org/depth"))
+        else:  # by name
+            model.set_depth_model("tiny-org/depth")
+        perturb_trainable(model)
+        model.eval()
+        x = torch.rand(2, bands, 32, 32)
+        with torch.no_grad():
+            expected = main_output(model(pixel_values=x))
+        folder = tmp_path / f"adapter-{case}"
+        model.save_pretrained(folder)
+        text = (folder / "README.md").read_text()
+        saved = (folder / "adapter_config.json").read_text()
+        assert str(tmp_path) not in text and str(tmp_path) not in saved, case
+        codes = recipes(text)
+        assert len(codes) == 2 and "AutoPeftModel.from_pretrained" in codes[0], case
+        assert f'{cls.__name__}.from_pretrained("tiny-org/{case}")' in codes[1], case
+        assert "<Hub id" not in text, case  # everything known: no placeholder left
+        for code in codes:
+            loaded = run_recipe(code, folder)
+            assert isinstance(loaded.get_base_model(), cls), case
+            assert loaded.base_model.depth_model is None  # loaded on the first forward, by the config's Hub id
+            with torch.no_grad():
+                out = main_output(loaded(pixel_values=x))
+            assert loaded.base_model.depth_model.config._name_or_path == "tiny-org/depth"
+            assert torch.equal(out, expected), (case, code)
+        if case == "widened":
+            assert "from 3 to 6 input bands" in text and "490 nm" in text
+
+
+def test_push_fills_in_the_repo_id_and_the_pushed_card_runs_from_the_hub(hub_cache, tmp_path, monkeypatch):
+    import transformers as tf
+    import transformers.utils.hub as hub
+
+    uploaded = tmp_path / "uploaded"
+
+    def create_commit(repo_id, operations, **kwargs):
+        for operation in operations:
+            target = uploaded / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(operation.path_or_fileobj, target)
+        return SimpleNamespace(commit_url="offline")
+
+    monkeypatch.setattr(hub, "hf_api", lambda: SimpleNamespace(
+        create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id), create_commit=create_commit))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None:
+                        ModelCard.from_template(ModelCardData(tags=tags or [], library_name="transformers")))
+    publish(hub_cache, "tiny-org/vit", make_model("vit_classifier"))
+    model = get_peft_model(tf.ViTForImageClassification.from_pretrained("tiny-org/vit"),
+                           SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, init_weights=False,
+                                             use_depth=False)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    model.push_to_hub("me/vit-spectralmoe")
+    text = (uploaded / "README.md").read_text()
+    assert "<this repo or folder>" not in text and 'from_pretrained("me/vit-spectralmoe")' in text
+    assert ModelCard.load(uploaded / "README.md").data.base_model == "tiny-org/vit"
+    publish(hub_cache, "me/vit-spectralmoe", folder=uploaded)
+    for code in recipes(text):
+        namespace = {}
+        exec(code, namespace)  # as written: nothing substituted
+        with torch.no_grad():
+            assert torch.equal(namespace["model"](pixel_values=x).logits, expected)
+
+
+def test_no_local_path_reaches_the_card_or_the_config(tmp_path):
+    """A base and a depth model loaded from local folders: the card and adapter_config.json name neither folder;
+    the card has placeholders and says what to put there; the config in memory keeps the paths."""
+    import json
+
+    import transformers as tf
+
+    make_model("dinov2").save_pretrained(tmp_path / "base")
+    make_depth_model().save_pretrained(tmp_path / "depth")
+    model = get_peft_model(tf.Dinov2Model.from_pretrained(str(tmp_path / "base")),
+                           SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5))
+    model.set_depth_model(str(tmp_path / "depth"))
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert str(tmp_path) not in text and str(tmp_path) not in json.dumps(saved)
+    assert saved["base_model_name_or_path"] is None and saved["depth_model_name_or_path"] is None
+    assert "AutoPeftModel" not in text  # it would need the base model's Hub id
+    assert 'Dinov2Model.from_pretrained("<Hub id of the base model>")' in text
+    assert 'model.set_depth_model("<Hub id of the depth model>")' in text
+    assert "loaded from a local folder: replace `<Hub id of the base model>`" in text
+    assert "base_model" not in ModelCard.load(tmp_path / "adapter" / "README.md").data.to_dict()
+    assert model.peft_config["default"].depth_model_name_or_path == str(tmp_path / "depth")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("org/model", "org/model"), ("gpt2", "gpt2"), (None, None), ("", None), ("/tmp/x/model", None),
+    ("./model", None), ("~/models/x", None), ("a/b/c", None), ("C:\\models\\x", None),
+    ("/home/u/.cache/huggingface/hub/models--depth-anything--Depth-Anything-V2-Small-hf/snapshots/abc",
+     "depth-anything/Depth-Anything-V2-Small-hf"),
+    ("depth", None), ("org/mirrored", "org/mirrored"),  # existing relative folders (made below)
+])
+def test_shareable_name(name, expected, tmp_path, monkeypatch):
+    from spectralmoe_peft.hub import shareable_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "depth").mkdir()
+    (tmp_path / "org" / "mirrored").mkdir(parents=True)
+    assert shareable_name(name) == expected
+
+
+def test_a_upernet_built_by_dgss_gets_the_build_call_and_it_reproduces_the_model(hub_cache, tmp_path):
+    """dgss.build_upernet builds the UperNet from a Hub backbone (the UperNet itself has no Hub id): the card's
+    recipe rebuilds it with build_upernet, and the adapter widens the backbone to 6 bands again on load."""
+    from spectralmoe_peft.dgss import build_upernet
+
+    publish(hub_cache, "tiny-org/dinov2", make_model("dinov2"))
+    base, to_save = build_upernet(num_bands=6, num_classes=3, backbone="tiny-org/dinov2", head_hidden_size=16)
+    model = get_peft_model(base, SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, use_depth=False,
+                                                   init_weights=False, rgb_band_indices=[2, 1, 0],
+                                                   modules_to_save=to_save))
+    perturb_trainable(model)
+    model.eval()
+    x = torch.rand(2, 6, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    (code,) = recipes(text)  # no Hub id of its own: no AutoPeftModel
+    assert "build_upernet(num_bands=3, num_classes=3, backbone='tiny-org/dinov2', head_hidden_size=16" in code
+    assert "from 3 to 6 input bands" in text and "<Hub id" not in text
+    with torch.no_grad():
+        assert torch.equal(run_recipe(code, tmp_path / "adapter")(pixel_values=x).logits, expected)
+
+    # the same from a local copy of the backbone: a placeholder and a note, no path
+    local = tmp_path / "local-backbone"
+    make_model("dinov2").save_pretrained(local)
+    base, to_save = build_upernet(num_bands=6, num_classes=3, backbone=str(local), head_hidden_size=16)
+    model = get_peft_model(base, SpectralMoEConfig(use_depth=False, modules_to_save=to_save))
+    model.save_pretrained(tmp_path / "local-adapter")
+    text = (tmp_path / "local-adapter" / "README.md").read_text()
+    assert str(tmp_path) not in text and "backbone='<Hub id of the backbone>'" in text
+    assert "the backbone was loaded from a local folder: replace `<Hub id of the backbone>`" in text
+
+
+def test_models_named_on_the_card_make_autopeftmodel_work(hub_cache, tmp_path):
+    """Trained on a local copy of a Hub model, with a depth model attached as an object without a name:
+    set_model_card_info(base_model=..., depth_model=...) names them in the card and in the config, so AutoPeftModel
+    loads both from the Hub."""
+    import transformers as tf
+
+    snapshot = publish(hub_cache, "tiny-org/vit", make_model("vit"))
+    shutil.copytree(snapshot, tmp_path / "local-copy")
+    model = get_peft_model(tf.ViTModel.from_pretrained(str(tmp_path / "local-copy")),
+                           SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, init_weights=False)).eval()
+    model.set_depth_model(make_depth_model())  # built from a config: no name
+    publish(hub_cache, "tiny-org/depth", make_depth_model())  # the same weights, on the Hub
+    spectralmoe_peft.set_model_card_info(model, base_model="tiny-org/vit", depth_model="tiny-org/depth")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    assert str(tmp_path) not in text and "AutoPeftModel" in recipes(text)[0]
+    for code in recipes(text):
+        loaded = run_recipe(code, tmp_path / "adapter")
+        with torch.no_grad():
+            assert torch.equal(loaded(pixel_values=x).last_hidden_state, expected)
+        assert loaded.base_model.depth_model.config._name_or_path == "tiny-org/depth"
