@@ -71,7 +71,7 @@ def test_elevation_voids_are_masked_like_nodata():
     # the fully void patch is left out of the routing statistics; the 1/4-void one stays (the nodata rule: >= half)
     layer = next(m for m in model.modules() if type(m).__name__ == "SpectralMoELayer")
     masks, original = [], layer.refine
-    layer.refine = lambda f, d, a, valid=None: masks.append(valid) or original(f, d, a, valid=valid)
+    layer.refine = lambda f, d, a, valid=None, **kw: masks.append(valid) or original(f, d, a, valid=valid, **kw)
     model(pixel_values=x, elevation=holed)
     valid = masks[-1]
     assert valid is not None and valid.shape == (2, 16)
@@ -189,7 +189,10 @@ def test_a_wrong_prefix_count_names_the_setting_not_pixel_values():
 
 
 def test_wavelengths_must_match_the_input_bands():
-    model = with_depth(band_wavelengths_nm=[490, 560, 665, 842, 1610, 2190])
+    with pytest.raises(ValueError, match="lists 6 bands, but the model's patch embedding .* takes 3"):
+        with_depth(band_wavelengths_nm=[490, 560, 665, 842, 1610, 2190])  # refused when the adapter is made
+    model = with_depth()
+    model.peft_config["default"].band_wavelengths_nm = [490.0, 560.0, 665.0, 842.0, 1610.0, 2190.0]  # edited later
     with pytest.raises(ValueError, match="lists 6 bands but pixel_values has 3"):
         model(pixel_values=torch.rand(1, 3, 32, 32))
 
