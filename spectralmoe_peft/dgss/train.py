@@ -1,10 +1,11 @@
-"""Training: a plain PyTorch loop with the paper's recipe, the auxiliary loss added, and routing health logged.
+"""Training: a plain PyTorch loop with the paper's recipe, the auxiliary loss applied once, routing health logged.
 
 Recipe (SpectralMoE / Rein), the defaults of :class:`TrainConfig`: AdamW, lr 1e-4, weight decay 0.05, polynomial
 decay with power 0.9, batch 8, 40k iterations, bf16 autocast where the device supports it (CUDA with bf16; fp32 on
-the CPU, where bf16 autocast is slower, not faster). The adapter's balance loss of each forward (``get_aux_loss()``)
-is added to the task loss; per-layer expert load and gate entropy are logged so a collapsing router is seen while
-it happens, not after.
+the CPU, where bf16 autocast is slower, not faster). The adapter's balance loss reaches the routers through the
+task loss's backward (``aux_loss_in_graph=True``, the default); ``get_aux_loss()`` is then detached and added only
+to report the total objective. Adapters that opted out get it with its graph, so it is applied exactly once either
+way. Per-layer expert load and gate entropy are logged so a collapsing router is seen while it happens, not after.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def train_segmentation(
             logits = segmentation_logits(model, batch, extra)
         task = segmentation_loss(logits, batch["labels"], config.ignore_index)
         aux = model.base_model.get_aux_loss() if moe else task.new_zeros(())
-        loss = task + aux
+        loss = task + aux  # aux: detached (already in the graph) unless the adapter opted out: applied once
         if not torch.isfinite(loss):
             raise non_finite_loss_error(step, task, aux)
         optimizer.zero_grad(set_to_none=True)

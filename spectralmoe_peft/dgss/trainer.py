@@ -1,4 +1,4 @@
-"""The HF ``Trainer`` path: the adapter's auxiliary loss added to the task loss, compact routing health in the
+"""The HF ``Trainer`` path: the adapter's auxiliary loss applied once, compact routing health in the
 logs, an mIoU ``compute_metrics``, and the paper's recipe as ``TrainingArguments`` defaults. Needs ``accelerate``
 (``pip install 'spectralmoe-peft[trainer]'``).
 """
@@ -89,8 +89,10 @@ def segmentation_compute_metrics(
 
 
 class SpectralMoETrainer(Trainer):
-    """``Trainer`` for segmentation with SpectralMoE: task loss (cross-entropy, ``ignore_index`` respected) +
-    ``get_aux_loss()``; every logging step also logs the routing health. Works for LoRA or plain models too (no aux
+    """``Trainer`` for segmentation with SpectralMoE: task loss (cross-entropy, ``ignore_index`` respected); the
+    balance loss rides in the graph (``aux_loss_in_graph=True``), and ``get_aux_loss()`` is added only for adapters that
+    opted out (otherwise it is detached: the logged loss is the total objective, the gradient counts it once); every
+    logging step also logs the routing health. Works for LoRA or plain models too (no aux
     loss, no routing logs), so baselines run through the same code.
 
     ``routing_log="compact"`` (default) logs per stream, aggregated over blocks (see
