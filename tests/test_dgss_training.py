@@ -116,14 +116,15 @@ def test_plain_loop_trains_with_aux_loss_and_routing_health():
 def test_plain_loop_passes_nodata_to_the_adapter():
     model = upernet()
     masks = []
-    original = model.base_model._new_state
+    holder = model.base_model.model.spectralmoe  # the per-forward machinery lives in the model
+    original = holder._new_state
 
     def spy(*args, **kwargs):
         state = original(*args, **kwargs)
         masks.append(state.token_mask)
         return state
 
-    model.base_model._new_state = spy
+    holder._new_state = spy
     train_segmentation(model, dataset(nodata_rows=16), TrainConfig(steps=2, batch_size=4), progress=False)
     grid = SIZE // 8
     assert masks and all(m is not None and m.shape == (4, grid * grid) for m in masks)

@@ -107,7 +107,7 @@ def test_a_0_1_0_router_without_noise_loads_without_its_unused_noise_weights(tmp
     old = dict(weights)
     for key in [k for k in weights if k.endswith("spectralmoe_gate_visual")]:
         old[key + "_noise"] = torch.randn(32, 3)  # what 0.1.0 wrote next to each gate
-    old["base_model.spectralmoe_scale"] = weights["base_model.spectralmoe_scale"].reshape(())
+    old["base_model.spectralmoe_scale"] = old.pop("base_model.model.spectralmoe.spectralmoe_scale").reshape(())  # 0.1.0: 0-d, on the tuner
     save_file(old, tmp_path / "adapter_model.safetensors")
     loaded = PeftModel.from_pretrained(make_model(), tmp_path).eval()
     with torch.no_grad():
