@@ -150,6 +150,8 @@ class SpectralMoEModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         stack: BlockStack = self._block_stack
+        if isinstance(target, SpectralMoEShared):
+            return  # named by an adapter state dict (inject_adapter_in_model(state_dict=...)): not a block
         if isinstance(target, SpectralMoELayer):
             target.update_layer(adapter_name, peft_config)
             return
