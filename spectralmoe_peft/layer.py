@@ -1,8 +1,8 @@
 """SpectralMoELayer: wraps one ViT block and refines its patch tokens after it runs.
 
 Per adapter and block it owns the experts' low-rank tokens (A, B) and the gates of both streams; the modules the
-paper shares across blocks (W_t2f, W_delta, the scale s, the depth projection) live on the tuner and are reached
-through ``SharedModules``, so they are stored once.
+paper shares across blocks (W_t2f, W_delta, the scale s, the depth projection) live in the model's holder
+(``model.spectralmoe``, shared.py) and are reached through ``SharedModules``, so they are stored once.
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ def check_adapter_name(adapter_name: str) -> None:
 
 @dataclass
 class SharedModules:
-    """References to the tuner's cross-block modules (plain object: not registered as submodules of each layer)."""
+    """References to the holder's cross-block modules (plain object: not registered as submodules of each layer, so
+    the state dict holds one copy; a deepcopy of the model copies it once, with the holder)."""
 
     token_to_feature: nn.ModuleDict  # adapter -> Linear(D, D): W_t2f
     delta: nn.ModuleDict  # adapter -> Linear(D, D): W_delta
     scale: nn.ParameterDict  # adapter -> scalar s
     depth_projection: nn.ModuleDict  # adapter -> Linear(D_depth, D), only when widths differ
     elevation_encoder: nn.ModuleDict  # adapter -> Conv2d(1, D, patch): depth_source="elevation"
-    owner: Owner  # which forwards' states are ours
+    owner: Owner  # which forwards' states are this model's
     # only while torch.compile traces a forward (dynamo cannot trace ContextVars; no Python runs per compiled call)
     traced_state: Optional[ForwardState] = None
 

@@ -369,3 +369,15 @@ def test_peft_model_unload_removes_the_holder():
     assert not hasattr(unloaded, "spectralmoe") and set(unloaded.state_dict()) == keys
     assert not unloaded._forward_pre_hooks and not unloaded._load_state_dict_pre_hooks
     assert torch.equal(out(unloaded, "dinov2"), expected)
+
+
+def test_transformers_load_adapter_of_0_1_0_reports_its_shared_tensors_as_unexpected():
+    """transformers' loader bypasses load hooks, so a 0.1.0 file's tuner-level tensors cannot be converted there
+    (docs/api.md says so and points to PeftModel.from_pretrained + save_pretrained): it reports them, not silently."""
+    from test_saved_adapters import ROOT
+
+    model = make_model("dinov2")
+    info = model.load_adapter(str(ROOT / "dinov2_visual"))
+    assert {"base_model.spectralmoe_scale.default", "base_model.spectralmoe_delta.default.weight"} <= set(
+        info.unexpected_keys)
+    assert "spectralmoe.spectralmoe_scale.default" in info.missing_keys
