@@ -157,3 +157,25 @@ def test_adapter_names_that_cannot_work_are_refused_clearly(name):
     with pytest.raises(ValueError, match="cannot be used"):
         model.add_adapter(name, config())
     assert name not in model.peft_config or name == "default"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_base_model_state_dict_without_any_adapter_tensor(family):
+    """peft's _test_get_base_model_state_dict: the base weights alone (the shared modules' holder, model.spectralmoe,
+    is adapter state too), and set_base_model_state_dict restores perturbed base weights."""
+    save_and_load = pytest.importorskip("peft.utils.save_and_load")
+    if not hasattr(save_and_load, "get_base_model_state_dict"):
+        pytest.skip("this peft has no get_base_model_state_dict")
+    base = make_model(family)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, config())
+    extracted = save_and_load.get_base_model_state_dict(model)
+    assert set(extracted) == set(original)
+    assert all(torch.equal(extracted[k], v) for k, v in original.items())
+    with torch.no_grad():
+        for param in model.get_base_model().parameters():
+            param.add_(1.0)
+    result = save_and_load.set_base_model_state_dict(model, original, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    restored = save_and_load.get_base_model_state_dict(model)
+    assert all(torch.equal(restored[k], v) for k, v in original.items())
