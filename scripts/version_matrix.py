@@ -1,4 +1,5 @@
-"""Check spectralmoe-peft across peft versions: each version saves an adapter, every version loads every adapter.
+"""Check spectralmoe-peft across peft versions: each version saves an adapter, every version loads every adapter
+(into a PeftModel, and into a bare model with inject_adapter_in_model + set_peft_model_state_dict).
 
     python scripts/version_matrix.py                  # peft 0.18.1, 0.20.0 and the installed one (newest)
     python scripts/version_matrix.py --tests          # also run the test suite under each version
@@ -54,6 +55,20 @@ LOAD = textwrap.dedent("""
     with torch.no_grad():
         out = model(pixel_values=expected["x"]).last_hidden_state
     assert torch.equal(out, expected["out"]), float((out - expected["out"]).abs().max())
+    # the same adapters without a PeftModel: peft's inject_adapter_in_model + set_peft_model_state_dict
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.functional import set_adapter
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    bare = tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, image_size=32, patch_size=8)).eval()
+    for name, folder in (("default", sys.argv[1]), ("other", sys.argv[1] + "/other")):
+        inject_adapter_in_model(PeftConfig.from_pretrained(folder), bare, adapter_name=name)
+        set_peft_model_state_dict(bare, load_file(folder + "/adapter_model.safetensors"), adapter_name=name)
+    set_adapter(bare.eval(), "default")
+    with torch.no_grad():
+        out = bare(pixel_values=expected["x"]).last_hidden_state
+    assert torch.equal(out, expected["out"]), ("bare", float((out - expected["out"]).abs().max()))
 """)
 
 

@@ -79,16 +79,19 @@ class SpectralMoEModel(BaseTuner):
         if created:  # the first adapter of this model, through get_peft_model or inject_adapter_in_model
             holder = SpectralMoEShared(model, stack)
         object.__setattr__(holder, "stack", stack)
-        # the holder joins the model only after peft's injection: peft >= 0.21 takes a model that already holds a
+        holder.add(adapter_name, config)  # before the blocks' tensors: the same seed gives the same adapter as 0.1.0
+        # a new holder joins the model only after peft's injection: peft >= 0.21 takes a model that already holds a
         # tuner layer for one adapted before, and would then restore the base weights' trainability
         self.__dict__["_injecting"] = holder
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
+        except Exception:  # leave no half-made adapter behind
+            holder.delete_adapter(adapter_name)
+            raise
         finally:
             del self.__dict__["_injecting"]
         if created:
             holder.attach()
-        holder.add(adapter_name, config)
         adapted = [m for m in model.modules() if isinstance(m, SpectralMoELayer) and adapter_name in m.spectralmoe_A]
         for layer in adapted:  # the 'mean' reduction of the balance loss divides by this
             layer.spectralmoe_num_adapted_blocks[adapter_name] = len(adapted)
