@@ -57,14 +57,18 @@ def _only_this_adapter(state_dict: dict, adapter_name: str) -> dict:
 
 
 def _fix_old_peft_saving() -> None:
-    """peft < 0.20 saves, for out-of-tree methods, every adapter's tensors in each adapter's file; filter them."""
+    """peft < 0.20 gives, for out-of-tree methods, every adapter's tensors as each adapter's state dict (in the files
+    PeftModel saves and in what get_peft_model_state_dict returns on a bare model): filter them, wherever peft's
+    modules expose that function (peft_model, utils, the package, functional)."""
+    import importlib
+
     import peft
-    import peft.peft_model as peft_model
+    import peft.utils.save_and_load as save_and_load
     from packaging.version import Version
 
-    if Version(peft.__version__) >= Version("0.20") or getattr(peft_model.get_peft_model_state_dict, "_smoe", 0):
+    if Version(peft.__version__) >= Version("0.20") or getattr(save_and_load.get_peft_model_state_dict, "_smoe", 0):
         return
-    original = peft_model.get_peft_model_state_dict
+    original = save_and_load.get_peft_model_state_dict
 
     def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", *args, **kwargs):
         if model.peft_config[adapter_name].peft_type == SPECTRALMOE:
@@ -72,7 +76,13 @@ def _fix_old_peft_saving() -> None:
         return original(model, state_dict, adapter_name, *args, **kwargs)
 
     get_peft_model_state_dict._smoe = 1
-    peft_model.get_peft_model_state_dict = get_peft_model_state_dict
+    for name in ("peft.utils.save_and_load", "peft.utils", "peft", "peft.peft_model", "peft.functional"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "get_peft_model_state_dict", None) is original:
+            module.get_peft_model_state_dict = get_peft_model_state_dict
 
 
 def _extend_model_card() -> None:

@@ -207,6 +207,24 @@ def test_functional_set_delete_and_requires_grad_with_two_adapters():
     assert torch.equal(out(model, "dinov2"), base)  # no adapter left: the base's outputs
 
 
+def test_each_injected_adapter_state_dict_holds_only_its_own_tensors():
+    """Two adapters on a bare model: get_peft_model_state_dict gives each its own tensors only (peft < 0.20 gave every
+    adapter's; registration.py filters), and each loads alone into a fresh model with its outputs."""
+    model = make_model("dinov2")
+    inject_adapter_in_model(config(num_experts=2), model, adapter_name="one")
+    inject_adapter_in_model(config(num_experts=4), model, adapter_name="two")
+    model.eval()
+    for name, experts in (("one", 2), ("two", 4)):
+        state = get_peft_model_state_dict(model, adapter_name=name)
+        assert len(state) == 2 * 4 + 5  # per block A, B, gate, noise; W_t2f and W_delta (weight, bias), s
+        assert state["encoder.layer.0.spectralmoe_A"].shape[0] == experts
+        set_adapter(model, name)
+        fresh = make_model("dinov2")
+        inject_adapter_in_model(config(num_experts=experts), fresh)
+        set_peft_model_state_dict(fresh, state)
+        assert torch.equal(out(fresh.eval(), "dinov2"), out(model, "dinov2"))
+
+
 def test_training_an_injected_adapter_updates_only_adapter_tensors():
     model = make_model("dinov2")
     base_params = [(p, p.detach().clone()) for p in model.parameters()]
