@@ -43,6 +43,19 @@ def depth_encoder(depth_model: nn.Module) -> nn.Module:
     return depth_model
 
 
+def encoder_options(encoder: nn.Module) -> dict:
+    """Keyword arguments for the depth encoder's forward: hidden states, and position embeddings interpolated to the
+    input size where the model asks for it (a plain ViT; DINOv2 and Depth Anything always interpolate). Read from the
+    signature once per encoder (torch.compile cannot trace ``inspect``)."""
+    options = getattr(encoder, "_spectralmoe_encoder_options", None)
+    if options is None:
+        options = {"output_hidden_states": True}
+        if "interpolate_pos_encoding" in inspect.signature(encoder.forward).parameters:
+            options["interpolate_pos_encoding"] = True
+        object.__setattr__(encoder, "_spectralmoe_encoder_options", options)
+    return options
+
+
 def num_depth_layers(depth_model: nn.Module) -> Optional[int]:
     """Number of transformer layers of a depth model's encoder (its hidden_states have one more entry)."""
     config = getattr(depth_encoder(depth_model), "config", None)
@@ -184,12 +197,15 @@ class DepthStream:
         encoder = depth_encoder(self.model)
         patch = patch_size_of(encoder.config)
         reference = next(self.model.parameters(), rgb)
-        options = {"output_hidden_states": True}
-        if "interpolate_pos_encoding" in inspect.signature(encoder.forward).parameters:
-            options["interpolate_pos_encoding"] = True  # a plain ViT: any input size, like DINOv2 and Depth Anything
-        with torch.no_grad():
+        options = encoder_options(encoder)
+        rgb_in = rgb.to(reference.device, reference.dtype)
+        if torch.compiler.is_compiling():  # dynamo cannot trace the try block below; the eager run gave the message
+            with torch.no_grad():
+                outputs = encoder(pixel_values=rgb_in, **options)
+        else:
             try:
-                outputs = encoder(pixel_values=rgb.to(reference.device, reference.dtype), **options)
+                with torch.no_grad():
+                    outputs = encoder(pixel_values=rgb_in, **options)
             except (ValueError, RuntimeError) as error:
                 if "size" not in str(error).lower():
                     raise

@@ -33,7 +33,7 @@ from .depth import (
     load_depth_model,
     patch_validity,
 )
-from .depth_stream import DepthStream
+from .depth_stream import DepthStream, depth_encoder, encoder_options
 from .forward_state import ForwardState, LastForward, Owner, RoutingStats, close_state, open_state, running_state
 from .layer import SharedModules
 from .registration import PREFIX
@@ -339,6 +339,7 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
                     config.depth_image_mean, config.depth_image_std = normalization
         depth_model.requires_grad_(False)
         depth_model.eval()
+        encoder_options(depth_encoder(depth_model))  # read its forward's signature now, outside any compiled region
         reference = next(self._root.parameters())
         depth_model.to(reference.device)
         stream.model, stream.detached = depth_model, False
