@@ -160,6 +160,11 @@ class DepthStream:
                 raise ValueError(
                     f"depth_pixel_values must be RGB images (batch, 3, height, width) in [0, 1]; got shape {shape}."
                 )
+            if not depth_pixel_values.is_floating_point():
+                raise TypeError(
+                    f"depth_pixel_values must be float RGB in [0, 1]; got {depth_pixel_values.dtype}: divide 8-bit "
+                    "images by 255 (integer rasters belong in pixel_values, with depth_input_rescale)."
+                )
             rgb = normalize_for_depth(depth_pixel_values, 1.0, 0.0, config.depth_image_mean, config.depth_image_std)
         elif pixel_values is not None:
             wavelengths = config.band_wavelengths_nm
@@ -194,6 +199,8 @@ class DepthStream:
                 "model.base_model.compute_depth_hidden_states), or create the adapter with use_depth=False."
             )
         rgb = self.model_input(config, pixel_values, depth_pixel_values)
+        if rgb.shape[0] == 0:
+            raise ValueError("pixel_values has a batch of 0 images: there is nothing to run the depth model on.")
         encoder = depth_encoder(self.model)
         patch = patch_size_of(encoder.config)
         reference = next(self.model.parameters(), rgb)
@@ -234,6 +241,8 @@ class DepthStream:
             )
         if len(depth_hidden_states) < 2:
             raise ValueError(f"depth_hidden_states needs at least 2 entries; got {len(depth_hidden_states)}.")
+        if not all(isinstance(h, Tensor) and h.is_floating_point() for h in depth_hidden_states):
+            raise TypeError("depth_hidden_states must be floating-point tensors (the depth model's features).")
         if self.model is not None:
             layers = num_depth_layers(self.model)
             if layers is not None and len(depth_hidden_states) != layers + 1:

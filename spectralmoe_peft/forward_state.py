@@ -66,6 +66,7 @@ class ForwardState:
     token_mask: Optional[Tensor] = None  # B, N bool: valid patch tokens (nodata masked out)
     depth: dict = field(default_factory=dict)  # adapter -> DepthFeatures (adapters with the same inputs share one)
     elevation: Optional[Tensor] = None  # B, 1, H, W raster for depth_source="elevation"
+    elevation_voids: Optional[Tensor] = None  # B, 1, H, W bool: NaN/Inf or nodata_value pixels of that raster
     keep_routing_stats: bool = True
     aux_losses: dict = field(default_factory=dict)  # (adapter, block, stream) -> weighted scalar loss
     routing: dict = field(default_factory=dict)  # adapter -> block -> stream -> RoutingStats
@@ -79,12 +80,15 @@ class ForwardState:
         side = int(round(num_patches**0.5))
         return (side, side) if side * side == num_patches else None
 
-    def record(self, adapter_name: str, block_index: int, stream: str, aux_loss: Tensor, stats: RoutingStats) -> None:
-        """A block's routing outcome; ignored in a checkpoint recomputation (its forward already recorded it)."""
+    def record(
+        self, adapter_name: str, block_index: int, stream: str, aux_loss: Tensor, stats: RoutingStats, keep: bool = True
+    ) -> None:
+        """A block's routing outcome (its statistics only if its adapter keeps them); ignored in a checkpoint
+        recomputation (its forward already recorded it)."""
         if self.finished:
             return
         self.aux_losses[(adapter_name, block_index, stream)] = aux_loss
-        if self.keep_routing_stats:
+        if keep and self.keep_routing_stats:
             self.routing.setdefault(adapter_name, {}).setdefault(block_index, {})[stream] = stats
 
     def elevation_tokens(self, adapter_name: str, encoder, grid_hw: tuple[int, int]) -> Tensor:
@@ -93,7 +97,7 @@ class ForwardState:
 
         if self.elevation is None:
             raise ValueError("This SpectralMoE adapter uses depth_source='elevation' but no elevation= was passed.")
-        return encode_elevation(self.elevation, encoder, grid_hw)
+        return encode_elevation(self.elevation, encoder, grid_hw, voids=self.elevation_voids)
 
     def finish(self, completed: bool) -> LastForward:
         """Close the forward: drop the raw depth hidden states, keep what a recomputation needs, report."""

@@ -287,6 +287,16 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         """The refined patch tokens alone (B, N, D): ``refine(...).tokens``."""
         return self.refine(feats, depth, adapter_name, valid).tokens
 
+    def _fp32_bias(self, adapter_name: str, stream: str, bias: Tensor) -> Tensor:
+        """The live bias in fp32 (a model cast with .half() / .to(bfloat16) would make steps of 1e-3 vanish)."""
+        if bias.dtype == torch.float32:
+            return bias
+        container = self.spectralmoe_gate_depth_bias if (
+            stream == "depth" and adapter_name in self.spectralmoe_gate_depth_bias
+        ) else self.spectralmoe_gate_visual_bias
+        container[adapter_name] = bias.float()
+        return container[adapter_name]
+
     def _biases_of_this_forward(self, adapter_name: str, state: Optional[ForwardState]) -> dict:
         """The aux-free biases a forward routes with, kept in its state: a checkpoint recomputation (after the bias
         moved) must choose the experts its forward chose."""
@@ -373,14 +383,16 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                 if config.balance_loss_reduction == "mean":
                     aux = aux / blocks
                 live = self._selection_bias(adapter_name, stream)
-                if live is not None and self.training and torch.is_grad_enabled() and not recomputing:
-                    update_selection_bias(live, routed.expert_load, config.bias_update_rate)
+                if live is not None and self.training and not recomputing:  # once per training forward
+                    update_selection_bias(self._fp32_bias(adapter_name, stream, live), routed.expert_load,
+                                          config.bias_update_rate)
                 if config.aux_loss_in_graph:
                     in_graph.append(aux)
                 if state is not None:  # logged detached unless the user adds it to the loss (opted out)
                     logged = aux.detach() if config.aux_loss_in_graph else aux
-                    state.record(adapter_name, self.block_index, stream, logged, routing_stats(routed, valid, grid))
-        if in_graph:
+                    state.record(adapter_name, self.block_index, stream, logged, routing_stats(routed, valid, grid),
+                                 keep=config.keep_routing_stats)
+        if in_graph and self.training:  # training only: eval-mode input gradients (saliency, attacks) stay the task's
             feats = attach_aux_loss(feats, torch.stack([loss.float() for loss in in_graph]).sum())
         return feats
 
@@ -391,7 +403,8 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             return self._shared.traced_state
         state = running_state(self._shared.owner)
         if state is not None:
-            tag_inputs(state, args, kwargs)
+            if torch.is_grad_enabled() or self.training:  # only a graph (or a reentrant checkpoint) recomputes
+                tag_inputs(state, args, kwargs)
             return state
         return tagged_state(self._shared.owner, args, kwargs)
 

@@ -34,7 +34,17 @@ from .depth import (
     patch_validity,
 )
 from .depth_stream import DepthStream, depth_encoder, encoder_options
-from .forward_state import ForwardState, LastForward, Owner, RoutingStats, close_state, open_state, running_state
+from .forward_state import (
+    ForwardState,
+    LastForward,
+    Owner,
+    RoutingStats,
+    close_state,
+    open_state,
+    running_state,
+    tag_inputs,
+    tagged_state,
+)
 from .layer import SharedModules
 from .registration import PREFIX
 
@@ -407,7 +417,16 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
             return args, kwargs
         if running_state(self.shared.owner) is not None:
             return args, kwargs  # an inner module of a running forward: that forward's state applies
-        open_state(self._new_state(module, args, kwargs, **inputs))  # last: a validation error leaves nothing open
+        replayed = tagged_state(self.shared.owner, args, kwargs) if torch._C._current_graph_task_id() != -1 else None
+        if replayed is not None and replayed.finished and replayed.opened_by is module:
+            # a checkpoint around the whole model call, recomputed in backward: replay that forward's own state (its
+            # depth tokens and the routing biases it used; nothing is recorded again)
+            open_state(replayed)
+            return args, kwargs
+        state = self._new_state(module, args, kwargs, **inputs)
+        if torch.is_grad_enabled() or module.training:  # a graph, or a reentrant checkpoint, may recompute it
+            tag_inputs(state, args, kwargs)
+        open_state(state)  # last: a validation error leaves nothing open
         return args, kwargs
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -418,7 +437,8 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
                 object.__setattr__(self, "_last_forward", state.finish(completed=True))
             return None
         state = close_state(self.shared.owner, module)
-        if state is not None:  # output is None only when the forward raised (an always_call hook)
+        if state is not None and not state.finished:  # finished: a replayed recomputation, reported already
+            # output is None only when the forward raised (an always_call hook)
             object.__setattr__(self, "_last_forward", state.finish(completed=output is not None))
         return None
 
@@ -448,7 +468,6 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
             owner=self.shared.owner,
             opened_by=module,
             visual_grid=visual_grid,
-            keep_routing_stats=all(c.keep_routing_stats for c in active.values()),
         )
         if self.disable_adapters:
             return state
@@ -460,7 +479,7 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
         voids = None
         if uses_elevation:
             state.elevation = check_elevation(elevation, pixel_values)
-            voids = elevation_voids(state.elevation, nodata_value)
+            voids = state.elevation_voids = elevation_voids(state.elevation, nodata_value)
         if visual_grid is not None and (nodata_mask is not None or nodata_value is not None or voids is not None):
             state.token_mask = patch_validity(pixel_values, nodata_mask, nodata_value, stack.patch_size)
             if voids is not None:

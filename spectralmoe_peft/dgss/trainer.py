@@ -109,6 +109,9 @@ class SpectralMoETrainer(Trainer):
             raise ValueError(f"routing_log must be one of {ROUTING_LOGS}; got {routing_log!r}.")
         self.routing_log = routing_log
         super().__init__(*args, **kwargs)
+        # compute_loss returns a per-batch mean (it does not use num_items_in_batch): let Trainer divide it by the
+        # gradient-accumulation steps (models whose forward takes **kwargs would otherwise get N x the loss)
+        self.model_accepts_loss_kwargs = False
 
     def _set_signature_columns_if_needed(self) -> None:
         # the base model's forward names pixel_values (and labels) only: without this, remove_unused_columns=True
