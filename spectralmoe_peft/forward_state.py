@@ -25,6 +25,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
+from .depth import encode_elevation
+
 _TAG = "_spectralmoe_forward_state"
 # the forwards running in this thread / task, innermost last; immutable tuples, so a set never races a read
 _RUNNING: contextvars.ContextVar[tuple] = contextvars.ContextVar("spectralmoe_running_forwards", default=())
@@ -67,7 +69,6 @@ class ForwardState:
     depth: dict = field(default_factory=dict)  # adapter -> DepthFeatures (adapters with the same inputs share one)
     elevation: Optional[Tensor] = None  # B, 1, H, W raster for depth_source="elevation"
     elevation_voids: Optional[Tensor] = None  # B, 1, H, W bool: NaN/Inf or nodata_value pixels of that raster
-    keep_routing_stats: bool = True
     aux_losses: dict = field(default_factory=dict)  # (adapter, block, stream) -> weighted scalar loss
     routing: dict = field(default_factory=dict)  # adapter -> block -> stream -> RoutingStats
     selection_biases: dict = field(default_factory=dict)  # (adapter, block) -> {stream: aux-free bias it routed with}
@@ -88,13 +89,11 @@ class ForwardState:
         if self.finished:
             return
         self.aux_losses[(adapter_name, block_index, stream)] = aux_loss
-        if keep and self.keep_routing_stats:
+        if keep:
             self.routing.setdefault(adapter_name, {}).setdefault(block_index, {})[stream] = stats
 
     def elevation_tokens(self, adapter_name: str, encoder, grid_hw: tuple[int, int]) -> Tensor:
         """The elevation raster patch-embedded by an adapter's encoder: (B, H*W, D). Not cached: it is trainable."""
-        from .depth import encode_elevation
-
         if self.elevation is None:
             raise ValueError("This SpectralMoE adapter uses depth_source='elevation' but no elevation= was passed.")
         return encode_elevation(self.elevation, encoder, grid_hw, voids=self.elevation_voids)

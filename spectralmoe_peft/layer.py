@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -30,6 +30,12 @@ from .experts import (
 )
 from .fusion import fuse, fuse_coefficients
 from .routing import RouterOutput, attach_aux_loss, route, update_selection_bias
+
+
+MERGE_REFUSAL = (
+    "SpectralMoE adapters cannot be merged into the base weights: their routing depends on each input token. "
+    "Use unload() to get the base model back, or keep the adapter."
+)
 
 
 def check_adapter_name(adapter_name: str) -> None:
@@ -445,10 +451,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
     # --- PEFT lifecycle ----------------------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(
-            "SpectralMoE adapters cannot be merged into the base weights: their routing depends on each input token. "
-            "Use unload() to get the base model back, or keep the adapter."
-        )
+        raise ValueError(MERGE_REFUSAL)
 
     def unmerge(self) -> None:
         return None

@@ -22,7 +22,7 @@ from .architectures import BlockStack, find_block_stack
 from .bands import prepare_input_bands
 from .config import SpectralMoEConfig
 from .forward_state import RoutingStats
-from .layer import SpectralMoELayer, check_adapter_name
+from .layer import MERGE_REFUSAL, SpectralMoELayer, check_adapter_name
 from .registration import PREFIX
 from .shared import HOLDER_NAME, SHARED_NAMES, SpectralMoEShared, find_holder
 
@@ -201,10 +201,7 @@ class SpectralMoEModel(BaseTuner):
                     container[adapter_name] = item.float()
 
     def _check_merge_allowed(self) -> None:
-        raise ValueError(
-            "SpectralMoE adapters cannot be merged into the base weights: their routing depends on each input token. "
-            "Use unload() to get the base model back, or keep the adapter."
-        )
+        raise ValueError(MERGE_REFUSAL)
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         self._check_merge_allowed()

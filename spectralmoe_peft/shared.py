@@ -45,7 +45,7 @@ from .forward_state import (
     tag_inputs,
     tagged_state,
 )
-from .layer import SharedModules
+from .layer import MERGE_REFUSAL, SharedModules
 from .registration import PREFIX
 
 HOLDER_NAME = "spectralmoe"
@@ -169,10 +169,7 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
         return [getattr(self, name) for name in SHARED_NAMES]
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        raise ValueError(
-            "SpectralMoE adapters cannot be merged into the base weights: their routing depends on each input token. "
-            "Use unload() to get the base model back, or keep the adapter."
-        )
+        raise ValueError(MERGE_REFUSAL)
 
     def unmerge(self) -> None:
         return None

@@ -10,9 +10,7 @@ Then the same training step under FSDP2 (fully_shard per adapted block and on th
 from __future__ import annotations
 
 import copy
-import functools
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -22,11 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout, as for the tests run from its root
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ddp_worker import free_port  # noqa: E402
 
 
 def two_forwards(model, images) -> None:

@@ -22,18 +22,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import textwrap
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
 import pytest
 import torch
 import transformers as tf
+from hub_fakes import fake_hub_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -111,21 +110,7 @@ def _save_hub_models(root: Path) -> None:
 
 def _fake_upload(monkeypatch, root: Path) -> None:
     """push_to_hub's network calls write the uploaded files into the folder named by the repo id."""
-    import transformers.utils.hub as hub
-    from huggingface_hub import ModelCard, ModelCardData
-
-    def create_commit(repo_id, operations, **kwargs):
-        for operation in operations:
-            target = root / repo_id / operation.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(operation.path_or_fileobj, target)
-        return SimpleNamespace(commit_url="offline")
-
-    api = SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id),
-                          create_commit=create_commit)
-    monkeypatch.setattr(hub, "hf_api", lambda: api)
-    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None:
-                        ModelCard.from_template(ModelCardData(tags=tags or [], library_name="transformers")))
+    fake_hub_upload(monkeypatch, lambda repo_id: root / repo_id)
 
 
 def _synthetic_scene(name: str, bands, wavelengths, height: int, width: int, seed: int):

@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-import transformers as tf
 from peft import get_peft_model
-from tiny_models import HIDDEN, make_depth_model, make_model
+from tiny_models import DEPTH_FAMILIES, HIDDEN, make_depth_family, make_depth_model, make_model
 
 from spectralmoe_peft import SpectralMoEConfig
 
@@ -133,34 +132,9 @@ def test_depth_hidden_states_of_the_wrong_count_or_width_get_clear_errors():
 # --- 10, 11. every depth family: only its encoder runs, on non-square input --------------------------------------
 
 
-def dpt():
-    return tf.DPTForDepthEstimation(tf.DPTConfig(
-        hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8,
-        neck_hidden_sizes=[8, 8, 8, 8], reassemble_factors=[4, 2, 1, 0.5], backbone_out_indices=[0, 1, 1, 1],
-        fusion_hidden_size=8, head_hidden_size=8))
-
-
-def depth_anything():
-    backbone = tf.Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                               patch_size=7, image_size=63, out_indices=[1, 2], reshape_hidden_states=False)
-    return tf.DepthAnythingForDepthEstimation(tf.DepthAnythingConfig(
-        backbone_config=backbone, patch_size=7, reassemble_hidden_size=24, fusion_hidden_size=16,
-        head_hidden_size=8, neck_hidden_sizes=[12, 24], reassemble_factors=[2, 1]))
-
-
-def plain_vit():
-    return tf.ViTModel(tf.ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                                    image_size=28, patch_size=7))
-
-
-def dinov2():
-    return make_depth_model(hidden_size=24, num_layers=2)
-
-
-@pytest.mark.parametrize("factory", [dpt, depth_anything, plain_vit, dinov2])
-def test_every_depth_family_runs_only_its_encoder_on_non_square_input(factory):
-    torch.manual_seed(0)
-    depth_model = factory().eval()
+@pytest.mark.parametrize("family", sorted(DEPTH_FAMILIES))
+def test_every_depth_family_runs_only_its_encoder_on_non_square_input(family):
+    depth_model = make_depth_family(family)
     heads = []
     for name in ("head", "neck"):
         if hasattr(depth_model, name):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 
 import spectralmoe_peft
 from spectralmoe_peft import SpectralMoEConfig
+from hub_fakes import fake_hub_upload
 from tiny_models import make_depth_model, make_model
 
 BASE = "facebook/dinov3-vits16-pretrain-lvd1689m"
@@ -65,23 +65,8 @@ def test_set_model_card_info_checks_bands(tmp_path):
 
 
 def test_push_to_hub_uploads_a_folder_that_loads_back_with_its_card(tmp_path, monkeypatch):
-    import transformers.utils.hub as hub
-
     uploaded = tmp_path / "uploaded"
-
-    def create_commit(repo_id, operations, **kwargs):  # stands in for the network: keep what would be sent
-        for operation in operations:
-            target = uploaded / operation.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(operation.path_or_fileobj, target)
-        return SimpleNamespace(commit_url="offline")
-
-    fake_api = SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id),
-                               create_commit=create_commit)
-    monkeypatch.setattr(hub, "hf_api", lambda: fake_api)
-    # a new repo: transformers then writes its template card over the saved one
-    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None:
-                        ModelCard.from_template(ModelCardData(tags=tags or [], library_name="transformers")))
+    fake_hub_upload(monkeypatch, lambda repo_id: uploaded)  # stands in for the network: keep what would be sent
     model = adapted()
     describe(model)
     x = torch.rand(2, 6, 32, 32)
@@ -319,21 +304,8 @@ def test_card_recipes_run_as_written_and_reproduce_the_trained_model(hub_cache, 
 
 def test_push_fills_in_the_repo_id_and_the_pushed_card_runs_from_the_hub(hub_cache, tmp_path, monkeypatch):
     import transformers as tf
-    import transformers.utils.hub as hub
-
     uploaded = tmp_path / "uploaded"
-
-    def create_commit(repo_id, operations, **kwargs):
-        for operation in operations:
-            target = uploaded / operation.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(operation.path_or_fileobj, target)
-        return SimpleNamespace(commit_url="offline")
-
-    monkeypatch.setattr(hub, "hf_api", lambda: SimpleNamespace(
-        create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id), create_commit=create_commit))
-    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda repo_id, tags=None, token=None:
-                        ModelCard.from_template(ModelCardData(tags=tags or [], library_name="transformers")))
+    fake_hub_upload(monkeypatch, lambda repo_id: uploaded)
     publish(hub_cache, "tiny-org/vit", make_model("vit_classifier"))
     model = get_peft_model(tf.ViTForImageClassification.from_pretrained("tiny-org/vit"),
                            SpectralMoEConfig(num_experts=3, expert_rank=4, num_tokens=5, init_weights=False,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 from reference import reference_refine
 from test_layer import params_of
-from tiny_models import FAMILIES, main_output, make_depth_model, make_model
+from tiny_models import DEPTH_FAMILIES, FAMILIES, main_output, make_depth_family, make_depth_model, make_model
 
 from spectralmoe_peft import SpectralMoEConfig, SpectralMoELayer
 
@@ -206,36 +206,6 @@ def test_any_band_count_and_rgb_choice_runs_through_the_depth_model(bands, cfg, 
 # --- (e) integer rasters, non-square sizes and depth models of other families ---------------------------------------
 
 
-def _depth_anything():
-    import transformers as tf
-
-    backbone = tf.Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                               patch_size=7, image_size=63, out_indices=[1, 2], reshape_hidden_states=False)
-    return tf.DepthAnythingForDepthEstimation(tf.DepthAnythingConfig(
-        backbone_config=backbone, patch_size=7, reassemble_hidden_size=24, fusion_hidden_size=16,
-        head_hidden_size=8, neck_hidden_sizes=[12, 24], reassemble_factors=[2, 1]))
-
-
-def _dpt():
-    import transformers as tf
-
-    return tf.DPTForDepthEstimation(tf.DPTConfig(
-        hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8,
-        neck_hidden_sizes=[8, 8, 8, 8], reassemble_factors=[4, 2, 1, 0.5], backbone_out_indices=[0, 1, 1, 1],
-        fusion_hidden_size=8, head_hidden_size=8))
-
-
-def _vit():
-    import transformers as tf
-
-    return tf.ViTModel(tf.ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                                    image_size=28, patch_size=7))
-
-
-DEPTH_FAMILIES = {"dinov2": lambda: make_depth_model(hidden_size=24, num_layers=2), "depth_anything": _depth_anything,
-                  "dpt": _dpt, "vit": _vit}
-
-
 @settings(max_examples=25, **SETTINGS)
 @given(
     dtype=st.sampled_from([torch.uint8, torch.int16, torch.int32, torch.float32]),
@@ -247,7 +217,7 @@ DEPTH_FAMILIES = {"dinov2": lambda: make_depth_model(hidden_size=24, num_layers=
 def test_integer_rasters_of_any_size_through_any_depth_family_equal_their_float_values(dtype, family, size, batch,
                                                                                      seed):
     torch.manual_seed(seed)
-    depth_model = DEPTH_FAMILIES[family]().eval()
+    depth_model = make_depth_family(family, seed)
     model = get_peft_model(make_model("dinov2", seed=seed), SpectralMoEConfig(
         num_experts=2, num_tokens=3, expert_rank=2, init_weights=False, scale_init=0.5,
         depth_input_rescale=1 / 255)).eval()

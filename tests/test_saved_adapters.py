@@ -31,13 +31,7 @@ ATOL = 1e-6
 MIN_ADAPTER_EFFECT = 1e-2
 
 
-def outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        out = model(pixel_values=x, output_hidden_states=True)
-    result = {"last_hidden_state": out.hidden_states[-1]}
-    if getattr(out, "logits", None) is not None:
-        result["logits"] = out.logits
-    return result
+from fixtures.make_adapters_0_1_0 import outputs  # noqa: E402  (what was stored is what is compared)
 
 
 def assert_matches(actual: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], prefix: str, what: str) -> None:

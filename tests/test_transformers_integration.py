@@ -24,23 +24,14 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.functional import delete_adapter, set_adapter, set_requires_grad
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from tiny_models import image_size, main_output, make_depth_model, make_model
+from tiny_models import main_output, make_depth_model, make_model
 
-from spectralmoe_peft import SpectralMoEConfig, SpectralMoELayer
+from spectralmoe_peft import SpectralMoELayer
 from spectralmoe_peft.shared import SpectralMoEShared
+from test_peft_battery import config, x_for  # noqa: E402  (one small config and input for both suites)
 
 FAMILIES = ["dinov2", "dinov3", "vit_classifier", "upernet_dinov2"]
 SHARED = ("spectralmoe_token_to_feature", "spectralmoe_delta", "spectralmoe_scale")
-
-
-def config(**overrides) -> SpectralMoEConfig:
-    settings = dict(num_experts=3, top_k=1, expert_rank=4, num_tokens=5, use_depth=False, init_weights=False,
-                    scale_init=0.5)
-    return SpectralMoEConfig(**{**settings, **overrides})
-
-
-def x_for(family, batch=2, seed=3):
-    return torch.randn(batch, 3, *image_size(family), generator=torch.Generator().manual_seed(seed))
 
 
 def out(model, family, **kwargs):

@@ -88,3 +88,37 @@ def make_depth_model(hidden_size: int = 48, num_layers: int = 3, patch_size: int
         image_size=28, patch_size=patch_size,
     )
     return tf.Dinov2Model(config).eval()
+
+
+def _depth_anything():
+    backbone = tf.Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                               patch_size=7, image_size=63, out_indices=[1, 2], reshape_hidden_states=False)
+    return tf.DepthAnythingForDepthEstimation(tf.DepthAnythingConfig(
+        backbone_config=backbone, patch_size=7, reassemble_hidden_size=24, fusion_hidden_size=16,
+        head_hidden_size=8, neck_hidden_sizes=[12, 24], reassemble_factors=[2, 1]))
+
+
+def _dpt():
+    return tf.DPTForDepthEstimation(tf.DPTConfig(
+        hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8,
+        neck_hidden_sizes=[8, 8, 8, 8], reassemble_factors=[4, 2, 1, 0.5], backbone_out_indices=[0, 1, 1, 1],
+        fusion_hidden_size=8, head_hidden_size=8))
+
+
+def _plain_vit():
+    return tf.ViTModel(tf.ViTConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                                    image_size=28, patch_size=7))
+
+
+# depth models of every supported family, 24 wide: (name -> factory); Depth Anything and DPT carry a neck and head
+DEPTH_FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "dinov2": lambda: make_depth_model(hidden_size=24, num_layers=2),
+    "depth_anything": _depth_anything,
+    "dpt": _dpt,
+    "vit": _plain_vit,
+}
+
+
+def make_depth_family(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return DEPTH_FAMILIES[name]().eval()
