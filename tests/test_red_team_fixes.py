@@ -141,3 +141,32 @@ def test_the_trainer_loss_does_not_grow_with_gradient_accumulation(tmp_path):
     trainer = SpectralMoETrainer(model=get_peft_model(make_model("upernet_dinov2"), config(use_depth=False)),
                                  args=paper_training_arguments(str(tmp_path), max_steps=1, use_cpu=True))
     assert trainer.model_accepts_loss_kwargs is False  # so Trainer divides the mean loss by the accumulation steps
+
+
+def test_the_balance_loss_is_counted_once_per_backward():
+    """As docs/reliability.md says: two backward() calls on losses of one forward apply it twice; one backward of their
+    sum applies it once."""
+    def gate_grad(two_backwards: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = get_peft_model(make_model(), config(use_depth=False, noisy_gating=False)).train()
+        out = model(pixel_values=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))).last_hidden_state
+        first, second = out.pow(2).mean(), out.mean()
+        if two_backwards:
+            first.backward(retain_graph=True)
+            second.backward()
+        else:
+            (first + second).backward()
+        return next(p.grad.clone() for n, p in model.named_parameters() if "gate_visual" in n)
+
+    def aux_only(times: int) -> torch.Tensor:  # the gradient of the balance loss alone, taken `times` times
+        torch.manual_seed(0)
+        model = get_peft_model(make_model(), config(use_depth=False, noisy_gating=False)).train()
+        out = model(pixel_values=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))).last_hidden_state
+        for _ in range(times):
+            (out * 0).sum().backward(retain_graph=True)
+        return next(p.grad.clone() for n, p in model.named_parameters() if "gate_visual" in n)
+
+    once, twice = aux_only(1), aux_only(2)
+    assert once.abs().sum() > 0
+    torch.testing.assert_close(twice, 2 * once)
+    torch.testing.assert_close(gate_grad(True) - gate_grad(False), once, rtol=1e-4, atol=1e-6)
