@@ -5,9 +5,11 @@ adjustment is the attention-weighted sum of the value table W_t2f(T_e), skipping
 E*M of this method, scoring every token against every expert's tokens in one matmul and zeroing unchosen experts
 through the gate weights is exact, sync-free, and gives every parameter a gradient each step (DDP-safe).
 
-Two ways to compute it: the plain one (``expert_tokens`` / ``expert_values`` / ``expert_mixture``, literally the
-formula) and the factored one (``expert_coefficients`` over ``expert_basis``), which never forms T_e or the value
-table and is what the layer runs whenever ``use_low_rank`` says it is cheaper. Tests hold them equal.
+Three ways to compute it: the plain one (``expert_tokens`` / ``expert_values`` / ``expert_mixture``, literally the
+formula); the factored one (``expert_coefficients`` over ``expert_basis``), which never forms T_e or the value
+table and is what the layer runs whenever ``use_low_rank`` says it is cheaper; and the factored one for the chosen
+experts only (``chosen_expert_coefficients``), whose softmax and saved tensors are k*M per token instead of E*M, what
+the layer runs whenever ``use_chosen_experts`` says so (few experts chosen out of many). Tests hold them equal.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
@@ -79,3 +82,40 @@ def expert_basis(value_factors: Tensor, bias: Tensor | None) -> Tensor:
     """The rows C_e[j] of every expert (and the W_t2f bias): (E*r [+1], D)."""
     basis = rearrange(value_factors, "e r d -> (e r) d")
     return basis if bias is None else torch.cat([basis, bias.to(basis.dtype).unsqueeze(0)], dim=0)
+
+
+def use_chosen_experts(num_experts: int, top_k: int, num_tokens: int, rank: int) -> bool:
+    """Per token, scoring every expert costs ~E*M elementwise work (softmax, weights, their gradients, what backward
+    keeps); scoring only the k chosen experts costs ~k*(M + E*r) (the one-hot masks live in the E*r rank space).
+    Both do the same matmul FLOPs. Take the cheaper."""
+    return top_k * (num_tokens + num_experts * rank) < num_experts * num_tokens
+
+
+def chosen_expert_coefficients(
+    x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, combine_weights: Tensor, topk_indices: Tensor
+) -> Tensor:
+    """:func:`expert_coefficients` computed for each token's k chosen experts only. -> (B, N, E*r [+1]).
+
+    No gather of per-token expert weights and no per-expert loop: the chosen expert's projection is kept by a one-hot
+    mask in the (E*r)-dim rank space, so scoring is one matmul against all experts' A stacked, (E*r) x M, whose
+    output is the chosen expert's M scores only (the other experts' rows meet zeros). The mixing goes back the same way.
+    x: (B, N, D); a: (E, M, r); b: (E, r, D); combine_weights: (B, N, E); topk_indices: (B, N, k).
+    """
+    num_experts, num_tokens, rank = a.shape
+    dtype = b.dtype
+    projected = einsum(x, b, "b n d, e r d -> b n e r")  # all experts: one matmul, E*r wide
+    chosen = F.one_hot(topk_indices, num_experts).to(dtype).unsqueeze(-1)  # B, N, k, E, 1
+    masked = rearrange(projected.unsqueeze(2) * chosen, "b n k e r -> b n k (e r)")  # B, N, k, E*r
+    a_stacked = rearrange(a, "e m r -> (e r) m")
+    scores = (masked @ a_stacked) / math.sqrt(x.shape[-1])  # B, N, k, M: the chosen expert's scores
+    attention = at_least_fp32(scores).softmax(dim=-1)  # B, N, k, M
+    chosen_weights = combine_weights.gather(-1, topk_indices)  # B, N, k: g at the chosen experts
+    weights = (attention * chosen_weights.unsqueeze(-1)).to(dtype)
+    a_values = torch.cat([torch.zeros_like(a[:, :1]), a[:, 1:]], dim=1).to(dtype)  # the sink contributes nothing
+    mixed = weights @ rearrange(a_values, "e m r -> m (e r)")  # B, N, k, E*r: every expert's rows, weighted alike
+    coefficients = (rearrange(mixed, "b n k (e r) -> b n k e r", e=num_experts) * chosen).sum(2)  # chosen rows only
+    coefficients = rearrange(coefficients, "b n e r -> b n (e r)")
+    if bias is None:
+        return coefficients
+    mass = (chosen_weights * (1.0 - attention[..., 0])).sum(-1, keepdim=True)  # B, N, 1
+    return torch.cat([coefficients, mass.to(dtype)], dim=-1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -20,15 +21,17 @@ from torch import Tensor, nn
 from .config import SpectralMoEConfig
 from .forward_state import ForwardState, Owner, RoutingStats, running_state, tag_inputs, tagged_state
 from .experts import (
+    chosen_expert_coefficients,
     expert_basis,
     expert_coefficients,
     expert_mixture,
     expert_tokens,
     expert_value_factors,
     expert_values,
+    use_chosen_experts,
     use_low_rank,
 )
-from .fusion import fuse, fuse_coefficients
+from .fusion import fuse, fused_coefficients
 from .routing import RouterOutput, attach_aux_loss, route, update_selection_bias
 
 
@@ -250,41 +253,60 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
         config = self.spectralmoe_configs[adapter_name]
         shared = self._shared
         a, b = self.spectralmoe_A[adapter_name], self.spectralmoe_B[adapter_name]  # E, M, r / E, r, D
-        token_to_feature = shared.token_to_feature[adapter_name]
+        token_to_feature, delta = shared.token_to_feature[adapter_name], shared.delta[adapter_name]
+        scale = shared.scale[adapter_name]
         dtype = b.dtype
         x = feats.to(dtype).contiguous()  # one copy of the patch slice, shared by gate and experts
         if use_low_rank(a.shape[1], a.shape[2], b.shape[2]):
             # adjustments kept as coefficients over the experts' value rows: both streams share the basis
             basis = expert_basis(expert_value_factors(b, token_to_feature), token_to_feature.bias)  # E*r+1, D
+            chosen_only = use_chosen_experts(a.shape[0], config.top_k, a.shape[1], a.shape[2])
 
-            def mix(inputs: Tensor, combine_weights: Tensor) -> Tensor:
+            def mix_experts(inputs: Tensor, combine_weights: Tensor, topk_indices: Tensor) -> Tensor:
+                if chosen_only:
+                    return chosen_expert_coefficients(inputs, a, b, token_to_feature.bias, combine_weights, topk_indices)
                 return expert_coefficients(inputs, a, b, token_to_feature.bias, combine_weights)
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
-                return fuse_coefficients(visual, depth_delta, basis, config.fusion)
+                coefficients = fused_coefficients(visual, depth_delta, basis, config.fusion)  # Phi = coefficients @ basis
+                # s W_delta(Phi + x) = x (s W)^T + s b + coefficients (s basis W^T): no (B, N, D) Phi or Phi + x is
+                # formed, so backward keeps the K-wide coefficients instead of two D-wide tensors
+                value_rows = basis @ delta.weight.t()  # K, D
+                return F.linear(x, scale * delta.weight, None if delta.bias is None else scale * delta.bias) + (
+                    coefficients @ (scale * value_rows)
+                )
         else:
             tokens = expert_tokens(a, b)  # E, M, D
             values = expert_values(tokens, token_to_feature)  # E, M, D: shared by both streams
 
-            def mix(inputs: Tensor, combine_weights: Tensor) -> Tensor:
+            def mix_experts(inputs: Tensor, combine_weights: Tensor, topk_indices: Tensor) -> Tensor:
                 return expert_mixture(inputs, tokens, values, combine_weights)
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
-                return fuse(visual, depth_delta, config.fusion)
+                phi = fuse(visual, depth_delta, config.fusion)  # B, N, D
+                return scale * delta(phi + x)
+
+        def mix(inputs: Tensor, routed: RouterOutput) -> Tensor:
+            """One stream's expert adjustment. In a graph, its expert attention (B, N, k or E, M) is recomputed in
+            backward instead of kept: cheap to redo, the largest thing the adapter would otherwise store."""
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                return torch.utils.checkpoint.checkpoint(
+                    mix_experts, inputs, routed.combine_weights, routed.topk_indices, use_reentrant=False
+                )
+            return mix_experts(inputs, routed.combine_weights, routed.topk_indices)
 
         if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
             valid = None
         if selection_bias is None:
             selection_bias = {stream: self._selection_bias(adapter_name, stream) for stream in ("visual", "depth")}
         routing = {"visual": self._route(x, "visual", adapter_name, valid, selection_bias.get("visual"))}
-        delta_visual = mix(x, routing["visual"].combine_weights)
+        delta_visual = mix(x, routing["visual"])
         delta_depth = None
         if config.use_depth and depth is not None:
             depth_in = depth.to(dtype).contiguous()
             routing["depth"] = self._route(depth_in, "depth", adapter_name, valid, selection_bias.get("depth"))
-            delta_depth = mix(depth_in, routing["depth"].combine_weights)
-        phi = combine(delta_visual, delta_depth)  # B, N, D
-        update = shared.scale[adapter_name] * shared.delta[adapter_name](phi + x)
+            delta_depth = mix(depth_in, routing["depth"])
+        update = combine(delta_visual, delta_depth)  # B, N, D: s * W_delta(Phi + F)
         return Refinement(tokens=feats + update.to(feats.dtype), routing=routing)
 
     def refine_patch_tokens(

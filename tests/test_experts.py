@@ -8,17 +8,19 @@ import torch
 from torch import nn
 
 from spectralmoe_peft.experts import (
+    chosen_expert_coefficients,
     expert_basis,
     expert_coefficients,
     expert_mixture,
     expert_tokens,
     expert_value_factors,
     expert_values,
+    use_chosen_experts,
     use_low_rank,
 )
 
 
-def inputs(seed=0, batch=2, tokens=7, experts=3, m=5, rank=4, dim=12, top_k=2):
+def inputs(seed=0, batch=2, tokens=7, experts=3, m=5, rank=4, dim=12, top_k=2, with_indices=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, tokens, dim, generator=g, dtype=torch.float64, requires_grad=True)
     a = torch.randn(experts, m, rank, generator=g, dtype=torch.float64, requires_grad=True)
@@ -28,6 +30,8 @@ def inputs(seed=0, batch=2, tokens=7, experts=3, m=5, rank=4, dim=12, top_k=2):
     probs = logits.softmax(-1)
     top = probs.topk(top_k, -1)
     combine = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+    if with_indices:
+        return x, a, b, linear, logits, combine, top.indices
     return x, a, b, linear, logits, combine
 
 
@@ -77,3 +81,29 @@ def test_fusion_in_coefficient_space_equals_fusion_in_feature_space(mode, bias):
     grads = torch.autograd.grad(expected.sum(), [x, a, b], retain_graph=True)
     for g_expected, g_actual in zip(grads, torch.autograd.grad(actual.sum(), [x, a, b])):
         torch.testing.assert_close(g_actual, g_expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_chosen_experts_equal_all_experts_in_outputs_and_gradients(bias, top_k):
+    """Scoring only each token's k chosen experts gives the all-expert coefficients (and their gradients, gate
+    included) exactly: the unchosen experts' weights are zero in both."""
+    x, a, b, linear, logits, combine, indices = inputs(experts=5, top_k=top_k, with_indices=True)
+    if not bias:
+        linear.bias = None
+    every = expert_coefficients(x, a, b, linear.bias, combine)
+    chosen = chosen_expert_coefficients(x, a, b, linear.bias, combine, indices)
+    torch.testing.assert_close(chosen, every, rtol=1e-12, atol=1e-13)
+    upstream = torch.randn_like(every)
+    params = [x, a, b, logits]
+    grads_every = torch.autograd.grad((every * upstream).sum(), params, retain_graph=True)
+    grads_chosen = torch.autograd.grad((chosen * upstream).sum(), params)
+    for g_every, g_chosen in zip(grads_every, grads_chosen):
+        torch.testing.assert_close(g_chosen, g_every, rtol=1e-12, atol=1e-13)
+
+
+def test_chosen_experts_path_is_taken_where_it_is_cheaper():
+    assert use_chosen_experts(num_experts=6, top_k=1, num_tokens=100, rank=16)  # the paper's setting
+    assert use_chosen_experts(num_experts=24, top_k=2, num_tokens=100, rank=16)
+    assert not use_chosen_experts(num_experts=4, top_k=4, num_tokens=100, rank=16)  # every expert is chosen
+    assert not use_chosen_experts(num_experts=2, top_k=1, num_tokens=4, rank=16)  # masks wider than the scores
