@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,24 @@ METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_cached", "naive_full")
 # --checkpointing: the same step with transformers' gradient checkpointing on the ViT (blocks and, for SpectralMoE, the
 # refinement recomputed in backward)
 CHECKPOINT_METHODS = ("lora", "lora_ckpt", "smoe_visual", "smoe_visual_ckpt", "smoe_full", "smoe_full_ckpt")
+# --experts: the full step with more experts, side by side with E = 6 in one run (a method name may end in _e<E>)
+EXPERT_METHODS = ("lora", "smoe_full", "smoe_full_e12", "smoe_full_e24", "naive_full", "naive_full_e12",
+                  "naive_full_e24")
+# the depth model at half the input size (SpectralMoEConfig.depth_input_scale=0.5)
+EXTRA_METHODS = ("smoe_full_half",)
+
+
+def split_method(method: str, config: "BenchConfig") -> tuple[str, "BenchConfig"]:
+    """'smoe_full_e12' -> ('smoe_full', config with 12 experts); other names unchanged."""
+    match = re.fullmatch(r"(.+)_e(\d+)", method)
+    if match is None:
+        return method, config
+    return match.group(1), replace(config, experts=int(match.group(2)))
+
+
+def known_method(method: str) -> bool:
+    base = split_method(method, TARGET)[0].removesuffix("_ckpt")
+    return base in METHODS or base in EXTRA_METHODS
 
 
 @dataclass(frozen=True)
@@ -78,7 +97,7 @@ def sweep_configs() -> list[BenchConfig]:
     configs = [TARGET]
     configs += [replace(TARGET, name=f"N={(i // 16) ** 2}", image=i) for i in (256, 1024)]
     configs += [_wide(TARGET, 768)]
-    configs += [replace(TARGET, name=f"experts={e}", experts=e) for e in (3, 12)]
+    configs += [replace(TARGET, name=f"experts={e}", experts=e) for e in (3, 12, 24)]
     configs += [replace(TARGET, name="top_k=2", top_k=2)]
     return configs
 
@@ -96,6 +115,7 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
     then W_delta. Naive: expert tables A B and W_t2f, scores and mixing in D dimensions for the k chosen experts,
     fusion over N x N in D dimensions. Elementwise work (softmax, norms) is left out.
     """
+    method, config = split_method(method, config)
     b, n, d, e, k, m, r = (config.batch, config.num_patches, config.width, config.experts, config.top_k,
                            config.num_tokens, config.expert_rank)
     if method == "lora":
@@ -103,6 +123,8 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
         return config.blocks * 2 * (2 * tokens * d * config.lora_rank * 2)  # q and v: x A then (x A) B
     t = b * n
     streams = 1 if method == "smoe_visual" else 2
+    if method == "smoe_full_half":  # the adapter's work is the same; the depth model's is a quarter
+        method = "smoe_full"
     gates = 2 * t * e * d * (2 if noisy else 1)
     update = 2 * t * d * d
     if method.startswith("naive"):
@@ -112,7 +134,10 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
         return config.blocks * (tables + streams * (gates + experts) + fusion + update)
     width = e * r + 1
     tables = 2 * e * r * d * d + (2 * width * width * d if streams == 2 else 0)
-    experts = 2 * t * e * r * d + 2 * t * e * m * r + 2 * t * e * m * r
+    # x B^T for all experts; then scores and mixing, for all E experts or (one-hot masks in the E r rank space) for
+    # the k chosen ones: the same matmul FLOPs when k = 1 (the chosen path saves elementwise work and memory)
+    chosen_only = k * (m + e * r) < e * m
+    experts = 2 * t * e * r * d + (k if chosen_only else 1) * (2 * t * e * m * r + 2 * t * e * m * r)
     fusion = (2 * t * width * width + 4 * b * n * n * width) if streams == 2 else 0
     projection = 2 * t * width * d
     return config.blocks * (tables + streams * (gates + experts) + fusion + projection + update)
@@ -157,6 +182,7 @@ def build(config: BenchConfig, method: str, device):
     from naive import NaiveSpectralMoE
 
     cuda = device.type == "cuda"
+    method, config = split_method(method, config)
     checkpointing = method.endswith("_ckpt")
     method = method.removesuffix("_ckpt")
 
@@ -183,6 +209,9 @@ def build(config: BenchConfig, method: str, device):
         model = get_peft_model(vit(0), smoe_config(use_depth=False))
     elif method == "smoe_full":
         model = get_peft_model(vit(0), smoe_config())
+        model.set_depth_model(vit(1))
+    elif method == "smoe_full_half":  # the depth model on the RGB bands at half the size: a quarter of its tokens
+        model = get_peft_model(vit(0), smoe_config(depth_input_scale=0.5))
         model.set_depth_model(vit(1))
     elif method == "smoe_cached":
         model = get_peft_model(vit(0), smoe_config(depth_num_prefix_tokens=1))
@@ -335,7 +364,7 @@ def _fmt(value, spec: str) -> str:
 def report(config: BenchConfig, results: dict[str, dict]) -> dict:
     lora = results.get("lora", {})
     rows = []
-    header = (f"{'method':<12} {'step ms':>9} {'min ms':>8} {'x LoRA':>7} {'peak MB':>9} {'x LoRA':>7} "
+    header = (f"{'method':<14} {'step ms':>9} {'min ms':>8} {'x LoRA':>7} {'peak MB':>9} {'x LoRA':>7} "
               f"{'adapter GF':>10} {'trainable':>10}")
     print(f"\n== {config.name}: image {config.image} (N={config.num_patches}), width {config.width}, "
           f"{config.blocks} blocks, batch {config.batch}, E={config.experts}, k={config.top_k}, "
@@ -343,18 +372,15 @@ def report(config: BenchConfig, results: dict[str, dict]) -> dict:
           f"(depth model the same)")
     print(header)
     print("-" * len(header))
-    for method in (*METHODS, *[m for m in CHECKPOINT_METHODS if m not in METHODS]):
-        result = results.get(method)
-        if result is None:
-            continue
+    for method, result in results.items():
         if "error" in result:
-            print(f"{method:<12} ERROR {result['error']}")
+            print(f"{method:<14} ERROR {result['error']}")
             continue
         result["adapter_gflop_fwd"] = adapter_flops(config, method.removesuffix("_ckpt")) / 1e9
         if "step_ms" in lora:
             result["time_vs_lora"] = result["step_ms"] / lora["step_ms"]
             result["mem_vs_lora"] = result["peak_mem_mb"] / lora["peak_mem_mb"] if lora["peak_mem_mb"] > 0 else None
-        print(f"{method:<12} {result['step_ms']:>9.0f} {result['step_ms_min']:>8.0f} "
+        print(f"{method:<14} {result['step_ms']:>9.0f} {result['step_ms_min']:>8.0f} "
               f"{_fmt(result.get('time_vs_lora'), '>7.2f')} "
               f"{result['peak_mem_mb']:>9.0f} {_fmt(result.get('mem_vs_lora'), '>7.2f')} "
               f"{result['adapter_gflop_fwd']:>10.2f} {result['trainable_params']:>10,}")
@@ -366,6 +392,15 @@ def report(config: BenchConfig, results: dict[str, dict]) -> dict:
                    "naive_vs_ours_mem": naive["peak_mem_mb"] / full["peak_mem_mb"] if full["peak_mem_mb"] > 0 else None}
         print(f"naive_full / smoe_full: time x{summary['naive_vs_ours_time']:.2f}, "
               f"peak memory x{_fmt(summary['naive_vs_ours_mem'], '.2f')}")
+    for many in ("smoe_full", "naive_full"):
+        base = results.get(many, {})
+        for experts in (12, 24):
+            other = results.get(f"{many}_e{experts}", {})
+            if "step_ms" in base and "step_ms" in other:
+                summary[f"{many}_e{experts}_vs_e{config.experts}"] = {
+                    "time": other["step_ms"] / base["step_ms"], "mem": other["peak_mem_mb"] / base["peak_mem_mb"]}
+                print(f"{many} E={experts} / E={config.experts}: step time x{other['step_ms'] / base['step_ms']:.3f}, "
+                      f"peak memory x{other['peak_mem_mb'] / base['peak_mem_mb']:.2f}")
     for method in ("lora", "smoe_visual", "smoe_full"):
         plain, ckpt = results.get(method, {}), results.get(f"{method}_ckpt", {})
         if plain.get("peak_mem_mb") and "peak_mem_mb" in ckpt and "step_ms" in plain and "step_ms" in ckpt:
@@ -388,6 +423,8 @@ def main(argv=None) -> None:
                         help="comma-separated subset of " + ",".join(METHODS + CHECKPOINT_METHODS[1::2]))
     parser.add_argument("--checkpointing", action="store_true",
                         help="LoRA and SpectralMoE with and without gradient checkpointing (peak memory, time)")
+    parser.add_argument("--experts", action="store_true",
+                        help="the full step at E = 6, 12, 24 side by side (ours and naive), with LoRA")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 1; quick 1)")
@@ -414,13 +451,14 @@ def main(argv=None) -> None:
         if wanted - known:
             parser.error(f"unknown configs {sorted(wanted - known)}; choose from {sorted(known)}")
         configs = [c for c in sweep_configs() if c.name in wanted]
-    default = CHECKPOINT_METHODS if args.checkpointing else METHODS
+    default = CHECKPOINT_METHODS if args.checkpointing else EXPERT_METHODS if args.experts else METHODS
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(default)
-    unknown = set(methods) - set(METHODS) - set(CHECKPOINT_METHODS)
+    unknown = [m for m in methods if not known_method(m)]
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS + CHECKPOINT_METHODS[1::2]}")
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS + CHECKPOINT_METHODS[1::2] + EXTRA_METHODS}"
+                     " (a name may end in _e<experts>, e.g. smoe_full_e12)")
     kind = "quick" if args.quick else "sweep" if args.sweep or args.only else "target"
-    kind = f"{kind}_checkpointing" if args.checkpointing else kind
+    kind = f"{kind}_checkpointing" if args.checkpointing else f"{kind}_experts" if args.experts else kind
     name = args.name or f"{kind}_{args.device}"
     print(f"device {args.device}, threads {args.threads if args.device == 'cpu' else '-'}, "
           f"warmup {args.warmup}, timed steps {args.steps} (median), "

@@ -268,6 +268,10 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                 return expert_coefficients(inputs, a, b, token_to_feature.bias, combine_weights)
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
+                if depth_delta is not None and config.fusion == "cross_attention" and basis.shape[0] > basis.shape[1]:
+                    # E*r + 1 > D (many experts): attending in the D-wide feature space is the cheaper
+                    phi = fuse(visual @ basis, depth_delta @ basis, config.fusion)  # B, N, D
+                    return scale * delta(phi + x)
                 coefficients = fused_coefficients(visual, depth_delta, basis, config.fusion)  # Phi = coefficients @ basis
                 # s W_delta(Phi + x) = x (s W)^T + s b + coefficients (s basis W^T): no (B, N, D) Phi or Phi + x is
                 # formed, so backward keeps the K-wide coefficients instead of two D-wide tensors

@@ -107,6 +107,15 @@ def test_chosen_and_all_expert_paths_match_reference(chosen_only, top_k, monkeyp
     assert chosen and all(c == chosen_only for c in chosen)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_many_experts_fuse_in_feature_space_and_match_reference(top_k):
+    """With E*r + 1 wider than the ViT (here 4*9 + 1 > 32) the fusion attends in feature space, not coefficient space;
+    the result is the same."""
+    assert 4 * 9 + 1 > HIDDEN
+    model, layer = build(top_k=top_k, gating="laplace", expert_rank=9, num_tokens=40)
+    compare(model, layer, with_depth=True, top_k=top_k, gating="laplace", noisy=True)
+
+
 def test_expert_attention_is_recomputed_not_kept_for_backward():
     """What backward keeps of a training forward has no (B, N, *, M) expert-attention tensor in it: the attention is
     recomputed in backward (and the refined tokens still match the reference, above)."""
