@@ -58,16 +58,26 @@ def use_low_rank(num_tokens: int, rank: int, hidden_size: int) -> bool:
     return rank * (hidden_size + num_tokens) < num_tokens * hidden_size
 
 
+def expert_projections(x: Tensor, b: Tensor) -> Tensor:
+    """x B_e^T for every expert: one matmul, E*r wide. x: (B, N, D); b: (E, r, D) -> (B, N, E, r)."""
+    return einsum(x, b, "b n d, e r d -> b n e r")
+
+
 def expert_coefficients(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, combine_weights: Tensor) -> Tensor:
     """Delta(x) in the coordinates of :func:`expert_basis`: Delta(x) = coefficients @ basis. -> (B, N, E*r [+1]).
 
     Every expert adjustment lies in the span of the rows of C_e (and the bias): keeping the (E*r + 1)-dim
     coordinates lets the fusion attend in that small space instead of in D dimensions (exact, see fusion.py).
     """
-    projected = einsum(x, b, "b n d, e r d -> b n e r")
-    scores = einsum(projected, a, "b n e r, e m r -> b n e m") / math.sqrt(x.shape[-1])
+    return coefficients_of_projections(expert_projections(x, b), a, bias, combine_weights, x.shape[-1], b.dtype)
+
+
+def coefficients_of_projections(
+    projected: Tensor, a: Tensor, bias: Tensor | None, combine_weights: Tensor, hidden_size: int, dtype: torch.dtype
+) -> Tensor:
+    """:func:`expert_coefficients` from the projections x B_e^T (B, N, E, r), scoring every expert."""
+    scores = einsum(projected, a, "b n e r, e m r -> b n e m") / math.sqrt(hidden_size)
     attention = at_least_fp32(scores).softmax(dim=-1)  # B, N, E, M
-    dtype = b.dtype
     weights = (attention * combine_weights.unsqueeze(-1)).to(dtype)
     a_values = torch.cat([torch.zeros_like(a[:, :1]), a[:, 1:]], dim=1).to(dtype)  # the sink contributes nothing
     mixed = einsum(weights, a_values, "b n e m, e m r -> b n e r")
@@ -101,13 +111,26 @@ def chosen_expert_coefficients(
     output is the chosen expert's M scores only (the other experts' rows meet zeros). The mixing goes back the same way.
     x: (B, N, D); a: (E, M, r); b: (E, r, D); combine_weights: (B, N, E); topk_indices: (B, N, k).
     """
-    num_experts, num_tokens, rank = a.shape
-    dtype = b.dtype
-    projected = einsum(x, b, "b n d, e r d -> b n e r")  # all experts: one matmul, E*r wide
+    return chosen_coefficients_of_projections(
+        expert_projections(x, b), a, bias, combine_weights, topk_indices, x.shape[-1], b.dtype
+    )
+
+
+def chosen_coefficients_of_projections(
+    projected: Tensor,
+    a: Tensor,
+    bias: Tensor | None,
+    combine_weights: Tensor,
+    topk_indices: Tensor,
+    hidden_size: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """:func:`chosen_expert_coefficients` from the projections x B_e^T (B, N, E, r)."""
+    num_experts = a.shape[0]
     chosen = F.one_hot(topk_indices, num_experts).to(dtype).unsqueeze(-1)  # B, N, k, E, 1
     masked = rearrange(projected.unsqueeze(2) * chosen, "b n k e r -> b n k (e r)")  # B, N, k, E*r
     a_stacked = rearrange(a, "e m r -> (e r) m")
-    scores = (masked @ a_stacked) / math.sqrt(x.shape[-1])  # B, N, k, M: the chosen expert's scores
+    scores = (masked @ a_stacked) / math.sqrt(hidden_size)  # B, N, k, M: the chosen expert's scores
     attention = at_least_fp32(scores).softmax(dim=-1)  # B, N, k, M
     chosen_weights = combine_weights.gather(-1, topk_indices)  # B, N, k: g at the chosen experts
     weights = (attention * chosen_weights.unsqueeze(-1)).to(dtype)

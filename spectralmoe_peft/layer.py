@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from .config import SpectralMoEConfig
 from .forward_state import ForwardState, Owner, RoutingStats, running_state, tag_inputs, tagged_state
 from .experts import (
-    chosen_expert_coefficients,
+    chosen_coefficients_of_projections,
+    coefficients_of_projections,
     expert_basis,
-    expert_coefficients,
+    expert_projections,
     expert_mixture,
     expert_tokens,
     expert_value_factors,
@@ -74,6 +75,15 @@ class Refinement(NamedTuple):
 
     tokens: Tensor  # B, N, D
     routing: dict  # "visual" | "depth" -> RouterOutput
+
+
+def recomputed_in_backward(function, *args):
+    """``function(*args)``; in a graph, its intermediates (the expert attention, B x N x (k or E) x M) are not kept
+    for backward but recomputed there: cheap to redo, the largest thing the adapter would otherwise store. Not under
+    torch.compile, whose own memory planning decides what to keep."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
 
 def weighted_aux_loss(config: SpectralMoEConfig, routed: RouterOutput) -> Tensor:
@@ -263,9 +273,15 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             chosen_only = use_chosen_experts(a.shape[0], config.top_k, a.shape[1], a.shape[2])
 
             def mix_experts(inputs: Tensor, combine_weights: Tensor, topk_indices: Tensor) -> Tensor:
-                if chosen_only:
-                    return chosen_expert_coefficients(inputs, a, b, token_to_feature.bias, combine_weights, topk_indices)
-                return expert_coefficients(inputs, a, b, token_to_feature.bias, combine_weights)
+                # x B_e^T computed once, outside the recomputed part: backward keeps it (E*r wide) and redoes only
+                # the expert attention
+                projected = expert_projections(inputs, b)  # B, N, E, r
+                mix_projections = chosen_coefficients_of_projections if chosen_only else coefficients_of_projections
+                extra = (topk_indices,) if chosen_only else ()
+                return recomputed_in_backward(
+                    mix_projections, projected, a, token_to_feature.bias, combine_weights, *extra, inputs.shape[-1],
+                    dtype,
+                )
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
                 if depth_delta is not None and config.fusion == "cross_attention" and basis.shape[0] > basis.shape[1]:
@@ -284,19 +300,13 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             values = expert_values(tokens, token_to_feature)  # E, M, D: shared by both streams
 
             def mix_experts(inputs: Tensor, combine_weights: Tensor, topk_indices: Tensor) -> Tensor:
-                return expert_mixture(inputs, tokens, values, combine_weights)
+                return recomputed_in_backward(expert_mixture, inputs, tokens, values, combine_weights)
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
                 phi = fuse(visual, depth_delta, config.fusion)  # B, N, D
                 return scale * delta(phi + x)
 
         def mix(inputs: Tensor, routed: RouterOutput) -> Tensor:
-            """One stream's expert adjustment. In a graph, its expert attention (B, N, k or E, M) is recomputed in
-            backward instead of kept: cheap to redo, the largest thing the adapter would otherwise store."""
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                return torch.utils.checkpoint.checkpoint(
-                    mix_experts, inputs, routed.combine_weights, routed.topk_indices, use_reentrant=False
-                )
             return mix_experts(inputs, routed.combine_weights, routed.topk_indices)
 
         if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
