@@ -75,10 +75,6 @@ def worker(spec: dict) -> dict:
     config = BenchConfig(**spec["config"])
     method = spec["method"]
     eager = build(config, method, device)[0]
-    options = {"backend": spec["backend"], **({"mode": spec["mode"]} if spec.get("mode") else {})}
-    compiled = build(config, method, device, compile_options=options)[0]
-    if spec.get("depth_hooks_first"):
-        install_depth_hooks(compiled.model)
     eager_first = []
     for _ in range(max(1, spec["warmup"])):
         start = time.perf_counter()
@@ -86,6 +82,17 @@ def worker(spec: dict) -> dict:
         eager_first.append(time.perf_counter() - start)
     result = {"method": method, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.machine()}
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # this method's graphs and counters only (matters when called in-process, as the tests do)
+    counters.clear()
+    options = {"backend": spec["backend"], **({"mode": spec["mode"]} if spec.get("mode") else {})}
+    try:
+        compiled = build(config, method, device, compile_options=options)[0]
+    except Exception as error:  # noqa: BLE001
+        return {**result, **_error(error), "failed_at": "model.compile()"}
+    if spec.get("depth_hooks_first"):
+        install_depth_hooks(compiled.model)
     start = time.perf_counter()
     try:
         compiled()
@@ -105,7 +112,6 @@ def worker(spec: dict) -> dict:
                 times[kind].append(1e3 * (time.perf_counter() - start))
     except Exception as error:  # noqa: BLE001
         return {**result, **_error(error), "failed_at": "a later compiled step"}
-    from torch._dynamo.utils import counters
 
     breaks = {reason: count for reason, count in counters["graph_break"].items()}
     result.update({
