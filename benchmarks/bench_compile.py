@@ -35,7 +35,7 @@ from dataclasses import asdict
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
-from bench_step import QUICK, TARGET, BenchConfig, _setup, _subprocess, build  # noqa: E402
+from bench_step import QUICK, TARGET, BenchConfig, _setup, _subprocess, build
 
 METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_cached", "naive_full")
 DEFAULT_METHODS = ("lora", "smoe_visual", "smoe_full")

@@ -41,11 +41,11 @@ Results: a table on stdout and JSON in benchmarks/results/<name>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -53,8 +53,8 @@ from dataclasses import asdict, dataclass, replace
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
-from bench_step import QUICK as QUICK_BACKBONE  # noqa: E402
-from bench_step import TARGET, BenchConfig, _setup, _subprocess, backbone_flops, memory_peak, memory_start  # noqa: E402
+from bench_step import QUICK as QUICK_BACKBONE
+from bench_step import TARGET, BenchConfig, _setup, _subprocess, backbone_flops, memory_peak, memory_start
 
 METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_full_half", "naive_full")
 RGB = [2, 1, 0]  # R, G, B among the scene's bands (Sentinel-2 order B02, B03, B04, ...)
@@ -124,18 +124,17 @@ def build(config: InferenceConfig, method: str, device):
     import torch
     import transformers as tf
     from einops import rearrange
+    from naive import NaiveSpectralMoE
     from peft import LoraConfig, get_peft_model
 
-    sys.path.insert(0, ROOT)
     import spectralmoe_peft as smoe
-    from naive import NaiveSpectralMoE
     from spectralmoe_peft.depth_stream import depth_encoder
 
     cfg = config.model
     cuda = device.type == "cuda"
     if method == "smoe_full_half" and not has_depth_input_scale():
-        raise RuntimeError("smoe_full_half needs SpectralMoEConfig(depth_input_scale=...), which this spectralmoe_peft "
-                           "does not have yet (rebase on a main that has it)")
+        raise RuntimeError("smoe_full_half needs SpectralMoEConfig(depth_input_scale=...), which the spectralmoe_peft "
+                           f"at {smoe.__file__} does not have")
 
     def vit(seed: int, channels: int):
         torch.manual_seed(seed)
@@ -177,7 +176,7 @@ def build(config: InferenceConfig, method: str, device):
         clock.watch_depth(depth_encoder(depth_model))
     grid = cfg.image // cfg.patch
 
-    def predict(batch: dict) -> "torch.Tensor":
+    def predict(batch: dict) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             start = clock.now()
             hidden = model(pixel_values=batch["pixel_values"]).last_hidden_state  # B, P + N, D
@@ -279,6 +278,10 @@ def memory_worker(spec: dict) -> dict:
 # --- the driver ----------------------------------------------------------------------------------------------------
 
 
+def _fmt(result: dict, key: str, spec: str) -> str:
+    return "-" if result.get(key) is None else format(result[key], spec)
+
+
 def report(config: InferenceConfig, results: dict[str, dict]) -> dict:
     cfg = config.model
     print(f"\n== scene {config.scene} x {config.scene} x {config.bands} bands, tiles {config.tile} stride "
@@ -304,13 +307,20 @@ def report(config: InferenceConfig, results: dict[str, dict]) -> dict:
             result["time_vs_lora"] = result["scene_s"] / lora["scene_s"]
             if lora.get("batch_mem_mb", 0) > 0 and "batch_mem_mb" in result:
                 result["mem_vs_lora"] = result["batch_mem_mb"] / lora["batch_mem_mb"]
-        fmt = lambda key, spec: "-" if result.get(key) is None else format(result[key], spec)  # noqa: E731
-        print(f"{method:<15} {result['tiles_per_s']:>8.2f} {result['scene_s']:>8.2f} {fmt('time_vs_lora', '>7.2f')} "
-              f"{fmt('batch_mem_mb', '>9.0f')} {fmt('mem_vs_lora', '>7.2f')} {fmt('scene_mem_mb', '>9.0f')} "
+        print(f"{method:<15} {result['tiles_per_s']:>8.2f} {result['scene_s']:>8.2f} "
+              f"{_fmt(result, 'time_vs_lora', '>7.2f')} {_fmt(result, 'batch_mem_mb', '>9.0f')} "
+              f"{_fmt(result, 'mem_vs_lora', '>7.2f')} {_fmt(result, 'scene_mem_mb', '>9.0f')} "
               f"{result['backbone_s']:>9.2f} {result['depth_s']:>7.2f} {result['adapter_s']:>8.2f} "
               f"{result['other_s']:>7.2f}")
     print("backbone / depth / adapter / other: seconds per scene (see the docstring for how they are split)")
     return {"config": asdict(config), "num_tiles": config.num_tiles, "results": rows}
+
+
+def _run(args, script: str, spec: dict) -> dict:
+    try:
+        return _subprocess(spec, args, script)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within --timeout {args.timeout:.0f} s"}
 
 
 def main(argv=None) -> None:
@@ -359,12 +369,12 @@ def main(argv=None) -> None:
     base = {"config": asdict(config), "device": args.device, "threads": args.threads, "rounds": rounds}
     load_before = os.getloadavg()[0]
     script = os.path.abspath(__file__)
-    timing = _subprocess({**base, "kind": "timing", "methods": methods}, args, script)
+    timing = _run(args, script, {**base, "kind": "timing", "methods": methods})
     results = {}
     for method in methods:
         result = dict(timing.get(method, {"error": "timing: " + timing.get("error", "no result")}))
         if "error" not in result:
-            memory = _subprocess({**base, "kind": "memory", "method": method}, args, script)
+            memory = _run(args, script, {**base, "kind": "memory", "method": method})
             result.update({"memory_error": memory["error"]} if "error" in memory else memory)
         result["load_average"] = [load_before, os.getloadavg()[0]]
         results[method] = result

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import bench_compile  # noqa: E402
-import bench_inference  # noqa: E402
-from naive import NaiveSpectralMoE  # noqa: E402
-from tiny_models import make_model  # noqa: E402
+import bench_compile
+import bench_inference
+from naive import NaiveSpectralMoE
+from tiny_models import make_model
 
 # 96 px scene, 64 px tiles at stride 32: 2 x 2 tiles, one batch
 TINY_SCENE = replace(bench_inference.QUICK, scene=96, tile=64, stride=32, tile_batch=4)
