@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -170,8 +171,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def build(config: BenchConfig, method: str, device):
-    """Build one method's model and optimizer; returns (step function, trainable parameter count)."""
+def build(config: BenchConfig, method: str, device, compile_options: Optional[dict] = None):
+    """Build one method's model and optimizer; returns (step function, trainable parameter count).
+
+    ``compile_options``: compile the model in place with ``model.compile(**compile_options)`` (bench_compile.py);
+    the first step then compiles."""
     import torch
     import transformers as tf
     from peft import LoraConfig, get_peft_model
@@ -235,6 +239,8 @@ def build(config: BenchConfig, method: str, device):
     if checkpointing:
         model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
     model.to(device).train()
+    if compile_options is not None:
+        model.compile(**compile_options)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -250,6 +256,7 @@ def build(config: BenchConfig, method: str, device):
         if cuda:
             torch.cuda.synchronize()
 
+    step.model = model  # for bench_compile.py (reach the depth model before the first, compiling, call)
     return step, sum(p.numel() for p in params)
 
 
@@ -262,10 +269,39 @@ def _setup(spec: dict):
     return torch, device
 
 
-def memory_worker(spec: dict) -> dict:
-    """One method in a fresh process: peak memory over warmup + 1 steps, relative to right after the build."""
+def memory_start(torch, device) -> dict:
+    """Start a peak-memory measurement here (also used by bench_inference.py): the current memory as the baseline,
+    the peak reset. On CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats``; on CPU the resident set after
+    ``malloc_trim``, its peak (VmHWM) reset through /proc/self/clear_refs (``ru_maxrss`` where that is not allowed)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return {"base": torch.cuda.memory_allocated(), "method": "cuda.max_memory_allocated"}
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    base = _rss_kb("VmRSS") * 1024
+    hwm_reset = _reset_peak_rss()
+    return {"base": base, "method": "VmHWM (clear_refs reset)" if hwm_reset else "ru_maxrss"}
+
+
+def memory_peak(torch, device, start: dict) -> float:
+    """Peak memory in bytes since ``memory_start`` returned ``start``, above its baseline."""
     import resource
 
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start["base"]
+    if start["method"] == "ru_maxrss":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start["base"]
+    return _rss_kb("VmHWM") * 1024 - start["base"]
+
+
+def memory_worker(spec: dict) -> dict:
+    """One method in a fresh process: peak memory over warmup + 1 steps, relative to right after the build."""
     torch, device = _setup(spec)
     config = BenchConfig(**spec["config"])
     # one-time library initialization (kernels, thread pools, autograd engine) out of the measurement, alike for
@@ -273,31 +309,11 @@ def memory_worker(spec: dict) -> dict:
     tiny = replace(QUICK, image=32, blocks=1)
     build(tiny, spec["method"], device)[0]()
     step, trainable = build(config, spec["method"], device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-        mem_method = "cuda.max_memory_allocated"
-    else:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        base_mem = _rss_kb("VmRSS") * 1024
-        hwm_reset = _reset_peak_rss()
-        mem_method = "VmHWM (clear_refs reset)" if hwm_reset else "ru_maxrss"
+    start = memory_start(torch, device)
     for _ in range(max(1, spec["warmup"]) + 1):  # the step after the first has the optimizer state too
         step()
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base_mem
-    elif hwm_reset:
-        peak = _rss_kb("VmHWM") * 1024 - base_mem
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
-    return {"method": spec["method"], "peak_mem_mb": peak / 2**20, "mem_method": mem_method,
+    peak = memory_peak(torch, device, start)
+    return {"method": spec["method"], "peak_mem_mb": peak / 2**20, "mem_method": start["method"],
             "trainable_params": trainable}
 
 
@@ -321,13 +337,14 @@ def timing_worker(spec: dict) -> dict:
             for method, t in times.items()}
 
 
-def _subprocess(spec: dict, args) -> dict:
+def _subprocess(spec: dict, args, script: str = __file__) -> dict:
+    """Run ``script --worker <spec>`` in a fresh process; its last ``RESULT {json}`` line, or {"error": ...}."""
     env = dict(os.environ)
     if spec["kind"] == "memory":
         # a fixed mmap threshold: large tensors are mmapped and go back to the OS when freed, so resident memory
         # follows live tensors (glibc's dynamic threshold would keep freed build-time buffers and hide them)
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
                           capture_output=True, text=True, timeout=args.timeout, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -24,6 +24,7 @@ The backbone is frozen by the constructor; ``naive.adapter_parameters()`` are th
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
@@ -133,6 +134,7 @@ class NaiveSpectralMoE(nn.Module):
         self._grid: Optional[tuple[int, int]] = None
         self._aux: list[Tensor] = []
         self.aux_loss: Optional[Tensor] = None
+        self._disabled = False
         for index, block in enumerate(self.blocks):
             block.register_forward_hook(self._make_hook(index), prepend=True)
 
@@ -144,9 +146,21 @@ class NaiveSpectralMoE(nn.Module):
         depth_model.eval()
         object.__setattr__(self, "_depth_model", depth_model)  # not a submodule: never trained or saved
 
+    @contextmanager
+    def disable_adapter(self):
+        """The plain backbone inside the block (no refinement, no depth model), like ``PeftModel.disable_adapter``;
+        bench_inference.py times the backbone alone this way."""
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+
     # --- forward -------------------------------------------------------------------------------------------------
 
     def forward(self, pixel_values: Tensor, depth_hidden_states: Optional[Sequence[Tensor]] = None, **kwargs):
+        if self._disabled:
+            return self.vit(pixel_values=pixel_values, **kwargs)
         self._grid = (pixel_values.shape[-2] // self.patch_size[0], pixel_values.shape[-1] // self.patch_size[1])
         self._aux = []
         self._depth_states = None
@@ -200,6 +214,8 @@ class NaiveSpectralMoE(nn.Module):
 
     def _make_hook(self, index: int):
         def hook(block, args, output):
+            if self._disabled:
+                return None  # output unchanged
             hidden = output[0] if isinstance(output, tuple) else output
             prefix, feats = hidden[:, : self.num_prefix_tokens], hidden[:, self.num_prefix_tokens :]
             depth = self._depth_tokens(index) if self.use_depth else None
