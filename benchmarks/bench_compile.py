@@ -50,25 +50,6 @@ def _error(error: BaseException) -> dict:
             "error_text": str(error)[:4000]}
 
 
-def install_depth_hooks(model) -> bool:
-    """The workaround for the graph breaks of ``smoe_full``: install transformers' output-capturing hooks on the depth
-    model before the first (compiling) call. transformers 5 installs them lazily, on the first call with
-    ``output_hidden_states=True``, under a ``threading.Lock`` that Dynamo cannot enter; traced inside the compiled
-    region, that breaks the graph and Dynamo falls back to eager for PeftModel.forward. Returns whether it did."""
-    try:
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:
-        return False
-    depth_model = getattr(getattr(model, "base_model", None), "depth_model", None) or getattr(
-        model, "_depth_model", None)
-    if depth_model is None:
-        return False
-    from spectralmoe_peft.depth_stream import depth_encoder
-
-    maybe_install_capturing_hooks(depth_encoder(depth_model))
-    return True
-
-
 def worker(spec: dict) -> dict:
     """One method: eager and compiled side by side in this process, steps interleaved."""
     torch, device = _setup(spec)
@@ -91,8 +72,6 @@ def worker(spec: dict) -> dict:
         compiled = build(config, method, device, compile_options=options)[0]
     except Exception as error:  # noqa: BLE001
         return {**result, **_error(error), "failed_at": "model.compile()"}
-    if spec.get("depth_hooks_first"):
-        install_depth_hooks(compiled.model)
     start = time.perf_counter()
     try:
         compiled()
@@ -124,10 +103,9 @@ def worker(spec: dict) -> dict:
     return result
 
 
-def report(config: BenchConfig, results: list[dict], backend: str, depth_hooks_first: bool = False) -> None:
+def report(config: BenchConfig, results: list[dict], backend: str) -> None:
     print(f"\n== {config.name}: image {config.image} (N={config.num_patches}), width {config.width}, {config.blocks} "
-          f"blocks, batch {config.batch}, E={config.experts}, k={config.top_k}; backend {backend}"
-          + ("; depth model's output-capturing hooks installed before compiling" if depth_hooks_first else ""))
+          f"blocks, batch {config.batch}, E={config.experts}, k={config.top_k}; backend {backend}")
     header = (f"{'method':<12} {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} {'compile s':>9} "
               f"{'graphs':>6} {'breaks':>6}")
     print(header)
@@ -149,9 +127,6 @@ def main(argv=None) -> None:
                         help=f"comma-separated subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune (default: none)")
-    parser.add_argument("--depth-hooks-first", action="store_true",
-                        help="install transformers' output-capturing hooks on the depth model before compiling "
-                             "(the workaround for smoe_full's graph breaks; see install_depth_hooks)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 2)")
@@ -174,16 +149,14 @@ def main(argv=None) -> None:
     warmup = args.warmup if args.warmup is not None else 2
     steps = args.steps if args.steps is not None else (2 if args.quick else 5)
     config = QUICK if args.quick else TARGET
-    name = args.name or (f"compile_{config.name}_{args.device}" + ("" if args.backend == "inductor" else f"_{args.backend}")
-                         + ("_depth_hooks_first" if args.depth_hooks_first else ""))
+    name = args.name or (f"compile_{config.name}_{args.device}" + ("" if args.backend == "inductor" else f"_{args.backend}"))
     if args.device == "cpu":
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(args.threads))
     print(f"device {args.device}, threads {args.threads if args.device == 'cpu' else '-'}, warmup {warmup}, timed "
           f"rounds {steps} (median), backend {args.backend}{f' mode {args.mode}' if args.mode else ''}, "
           f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}; load average {os.getloadavg()[0]:.2f}")
     base = {"config": asdict(config), "device": args.device, "threads": args.threads, "warmup": warmup,
-            "steps": steps, "backend": args.backend, "mode": args.mode,
-            "depth_hooks_first": args.depth_hooks_first}
+            "steps": steps, "backend": args.backend, "mode": args.mode}
     results = []
     for method in methods:
         try:
@@ -195,9 +168,9 @@ def main(argv=None) -> None:
             result["failed_at"] = "process (crash or timeout; the last lines of its output)"
         result["load_average_end"] = os.getloadavg()[0]
         results.append(result)
-    report(config, results, args.backend, args.depth_hooks_first)
+    report(config, results, args.backend)
     out = {"device": args.device, "threads": args.threads, "warmup": warmup, "steps": steps, "backend": args.backend,
-           "mode": args.mode, "depth_hooks_first": args.depth_hooks_first, "torch": torch.__version__,
+           "mode": args.mode, "torch": torch.__version__,
            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "config": asdict(config), "results": results}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

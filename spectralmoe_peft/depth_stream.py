@@ -56,6 +56,20 @@ def encoder_options(encoder: nn.Module) -> dict:
     return options
 
 
+def install_output_hooks(encoder: nn.Module) -> None:
+    """Install transformers' hidden-state capturing hooks on the depth encoder now. transformers 5 installs them
+    lazily, on the first call asking for hidden states, under a ``threading.Lock`` that torch.compile cannot enter:
+    a model compiled before its first eager call would break its graph there and run ``PeftModel.forward`` eagerly."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers without lazily installed hooks
+        return
+    from transformers import PreTrainedModel
+
+    if isinstance(encoder, PreTrainedModel):
+        maybe_install_capturing_hooks(encoder)
+
+
 def num_depth_layers(depth_model: nn.Module) -> Optional[int]:
     """Number of transformer layers of a depth model's encoder (its hidden_states have one more entry)."""
     config = getattr(depth_encoder(depth_model), "config", None)

@@ -33,7 +33,7 @@ from .depth import (
     load_depth_model,
     patch_validity,
 )
-from .depth_stream import DepthStream, depth_encoder, encoder_options
+from .depth_stream import DepthStream, depth_encoder, encoder_options, install_output_hooks
 from .forward_state import (
     ForwardState,
     LastForward,
@@ -347,6 +347,7 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
         depth_model.requires_grad_(False)
         depth_model.eval()
         encoder_options(depth_encoder(depth_model))  # read its forward's signature now, outside any compiled region
+        install_output_hooks(depth_encoder(depth_model))  # and install transformers' hidden-state hooks (a lock)
         reference = next(self._root.parameters())
         depth_model.to(reference.device)
         stream.model, stream.detached = depth_model, False
