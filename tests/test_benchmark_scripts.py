@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench_compile
+import bench_expert_parts
 import bench_inference
 from naive import NaiveSpectralMoE
 from tiny_models import make_model
@@ -130,3 +131,12 @@ def test_depth_model_on_the_fly_compiles_without_graph_breaks(restore_threads):
     torch._dynamo.reset()
     assert "error" not in result, result
     assert result["graph_breaks"] == 0, result["graph_break_reasons"]
+
+
+def test_expert_parts_measures_every_part_at_each_expert_count():
+    """bench_expert_parts times the fusion (head width E*r + 1), the dense projection and the grouped one."""
+    rows = [bench_expert_parts.measure(e, batch=1, tokens=16, width=32, rank=4, repeats=1) for e in (2, 4)]
+    assert [row["fusion_width"] for row in rows] == [9, 17]
+    for row in rows:
+        assert row["fusion_ms"] > 0 and row["projection_ms"] > 0
+        assert row.get("grouped_ms", 1.0) > 0 or "grouped_error" in row
