@@ -111,6 +111,21 @@ class SpectralMoEConfig(PeftConfig):
     depth_input_offset: Union[float, list[float]] = field(
         default=0.0, metadata={"help": "Per-band offset added after rescaling, before the depth normalization."}
     )
+    depth_input_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Factor (0 < scale <= 1) by which the R,G,B bands are resized (bilinear, antialiased) before the "
+            "depth model, then snapped to its patch size; its tokens are resampled onto the visual grid anyway. 1.0 "
+            "(the paper's setting): full resolution. 0.5: a quarter of the depth tokens."
+        },
+    )
+    depth_input_size: Optional[Union[int, list[int]]] = field(
+        default=None,
+        metadata={
+            "help": "Instead of depth_input_scale: the depth model's input size in pixels, one int (square) or "
+            "(height, width), snapped to its patch size. None: the input's own size times depth_input_scale."
+        },
+    )
     depth_image_mean: list[float] = field(
         default_factory=lambda: list(IMAGENET_MEAN), metadata={"help": "Depth model's normalization mean (R,G,B)."}
     )
@@ -296,6 +311,24 @@ class SpectralMoEConfig(PeftConfig):
         rescale = self.depth_input_rescale
         check(all(v != 0 for v in (rescale if isinstance(rescale, list) else [rescale])), "depth_input_rescale",
               "must be non-zero (a zero factor erases the band)")
+        scale = self.depth_input_scale
+        check(_is_number(scale) and math.isfinite(scale) and 0 < scale <= 1, "depth_input_scale",
+              "must be a number in (0, 1]: the factor the R, G, B bands are resized by before the depth model (1.0, "
+              "the default, keeps full resolution; 0.5 halves each side). For a fixed size pass depth_input_size")
+        self.depth_input_scale = float(scale)
+        size = self.depth_input_size
+        check(
+            size is None
+            or (_is_int(size) and size >= 1)
+            or (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)),
+            "depth_input_size",
+            "must be None, a positive int (a square size in pixels) or (height, width) positive ints",
+        )
+        if size is not None:
+            self.depth_input_size = int(size) if _is_int(size) else [int(v) for v in size]
+        check(size is None or self.depth_input_scale == 1.0, "depth_input_size",
+              f"and depth_input_scale={self.depth_input_scale} were both given: pass one of them (a size replaces the "
+              "scale; leave depth_input_scale at 1.0)")
         for name in ("depth_image_mean", "depth_image_std"):
             value = getattr(self, name)
             check(_is_numbers(value) and len(value) == 3 and all(math.isfinite(v) for v in value), name,

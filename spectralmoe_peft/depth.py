@@ -76,6 +76,40 @@ def resize_to_patch_multiple(images: Tensor, patch_size: tuple[int, int]) -> Ten
     return F.interpolate(images, size=target, mode="bilinear", align_corners=False)
 
 
+def resize_for_depth(
+    images: Tensor,
+    patch_size: tuple[int, int],
+    scale: float = 1.0,
+    size: Optional[Union[int, Sequence[int]]] = None,
+) -> Tensor:
+    """The depth model's input size: the images resized by ``scale`` (or to ``size``, (H, W) pixels), snapped to the
+    nearest multiple of the patch size, in one resampling. Scale 1.0 and no size: ``resize_to_patch_multiple``."""
+    if scale == 1.0 and size is None:
+        return resize_to_patch_multiple(images, patch_size)
+    height, width = images.shape[-2:]
+    if size is not None:
+        wanted, name = ((size, size) if isinstance(size, int) else tuple(size)), f"depth_input_size={size!r}"
+    else:
+        wanted, name = (height * scale, width * scale), f"depth_input_scale={scale}"
+    if wanted[0] < patch_size[0] or wanted[1] < patch_size[1]:
+        fix = (
+            f"use depth_input_scale >= {max(patch_size[0] / height, patch_size[1] / width):.3g} for this input "
+            "(1.0, the default, keeps full resolution)"
+            if size is None
+            else f"use a size of at least {patch_size[0]}x{patch_size[1]} px (None: the input's own size)"
+        )
+        raise ValueError(
+            f"SpectralMoEConfig.{name} makes the {height}x{width} px depth input {wanted[0]:g}x{wanted[1]:g} px, "
+            f"smaller than one {patch_size[0]}x{patch_size[1]} patch of the depth model: {fix}."
+        )
+    target = (round(wanted[0] / patch_size[0]) * patch_size[0], round(wanted[1] / patch_size[1]) * patch_size[1])
+    if target == (height, width):
+        return images
+    # antialias: plain bilinear reads only the 2x2 pixels nearest each output one, so a downscale aliases (by 1/2 it
+    # skips 3 pixels in 4); antialiasing averages over each output pixel's whole footprint
+    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=True)
+
+
 def infer_grid(num_patches: int, aspect_hw: tuple[int, int]) -> tuple[int, int]:
     """The h x w grid with h*w = num_patches whose aspect ratio matches ``aspect_hw`` (h, w)."""
     target = math.log(aspect_hw[0] / aspect_hw[1])

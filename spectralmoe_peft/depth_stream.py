@@ -1,11 +1,12 @@
 """The depth stream as one component: a forward's inputs -> each adapter's depth features -> per-block depth tokens.
 
-pixels --(R, G, B bands, rescale, normalization: per adapter)--> depth model input --(resize to its patch multiple,
-its ViT encoder only)--> hidden states --(layer map, prefix dropped, 2-D resampling onto the visual grid)--> tokens.
+pixels --(R, G, B bands, rescale, normalization, depth_input_scale / _size: per adapter)--> depth model input --(resized
+to its patch multiple, its ViT encoder only)--> hidden states --(layer map, prefix dropped, 2-D resampling onto the
+visual grid)--> tokens.
 
 ``DepthStream`` holds the attached depth model (frozen, never saved) and computes, for one forward, the hidden
-states every depth-using adapter needs: adapters whose band choice and normalization agree share one run of the
-depth model. ``DepthFeatures`` belongs to that forward only; it resamples lazily, once per block and grid.
+states every depth-using adapter needs: adapters whose band choice, normalization and input scale/size agree share one
+run of the depth model. ``DepthFeatures`` belongs to that forward only; it resamples lazily, once per block and grid.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .depth import (
     depth_layer_index,
     normalize_for_depth,
     resample_to_grid,
-    resize_to_patch_multiple,
+    resize_for_depth,
     select_rgb,
     tokens_to_grid,
 )
@@ -123,6 +124,8 @@ def _preprocessing_key(config: "SpectralMoEConfig") -> tuple:
         tuple(config.depth_image_mean),
         tuple(config.depth_image_std),
         config.depth_num_prefix_tokens,
+        config.depth_input_scale,
+        frozen(config.depth_input_size),
     )
 
 
@@ -165,7 +168,8 @@ class DepthStream:
     def model_input(
         self, config: "SpectralMoEConfig", pixel_values: Optional[Tensor], depth_pixel_values: Optional[Tensor]
     ) -> Tensor:
-        """The depth model's input for one adapter: R, G, B picked, rescaled, normalized, resized to its patch size."""
+        """The depth model's input for one adapter: R, G, B picked, rescaled, normalized, resized (by
+        depth_input_scale or to depth_input_size) and snapped to its patch size."""
         if depth_pixel_values is not None:
             if not isinstance(depth_pixel_values, Tensor) or depth_pixel_values.ndim != 4 or (
                 depth_pixel_values.shape[1] != 3
@@ -195,7 +199,7 @@ class DepthStream:
         else:
             raise ValueError("SpectralMoE needs pixel_values (or depth_pixel_values) to run the depth model on.")
         patch = patch_size_of(depth_encoder(self.model).config)  # set_depth_model checked it has one
-        return resize_to_patch_multiple(rgb, patch)
+        return resize_for_depth(rgb, patch, config.depth_input_scale, config.depth_input_size)
 
     def run(
         self, config: "SpectralMoEConfig", pixel_values: Optional[Tensor], depth_pixel_values: Optional[Tensor]
