@@ -106,8 +106,12 @@ def resize_for_depth(
     if target == (height, width):
         return images
     # antialias: plain bilinear reads only the 2x2 pixels nearest each output one, so a downscale aliases (by 1/2 it
-    # skips 3 pixels in 4); antialiasing averages over each output pixel's whole footprint
-    return F.interpolate(images, size=target, mode="bilinear", align_corners=False, antialias=True)
+    # skips 3 pixels in 4); antialiasing averages over each output pixel's whole footprint. In float32 for half
+    # precision input: the CPU has no half-precision antialiased kernel
+    low_precision = images.dtype in (torch.float16, torch.bfloat16)
+    resized = F.interpolate(images.float() if low_precision else images, size=target, mode="bilinear",
+                            align_corners=False, antialias=True)
+    return resized.to(images.dtype)
 
 
 def infer_grid(num_patches: int, aspect_hw: tuple[int, int]) -> tuple[int, int]:

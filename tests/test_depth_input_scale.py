@@ -119,6 +119,17 @@ def test_depth_model_sees_the_expected_input_size(overrides, shape, size):
     assert [tuple(s.shape[-2:]) for s in seen] == [size]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_is_resized_in_float32(dtype):
+    """The CPU has no half-precision antialiased resize: the input is resized in float32 and keeps its dtype."""
+    from spectralmoe_peft.depth import resize_for_depth
+
+    x = torch.rand(2, 3, 40, 24).to(dtype)
+    got = resize_for_depth(x, (7, 7), 0.5)
+    want = F.interpolate(x.float(), size=(21, 14), mode="bilinear", align_corners=False, antialias=True).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_half_scale_runs_the_depth_model_on_a_quarter_of_the_tokens():
     x = torch.rand(1, 3, 56, 56)
     tokens = {}
