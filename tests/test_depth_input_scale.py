@@ -106,6 +106,8 @@ def test_half_scale_equals_a_plain_reference_in_output_and_gradients(shape, size
     [
         ({"depth_input_scale": 0.5}, (40, 24), (21, 14)),  # 20 x 12 px snapped to the nearest multiples of 7
         ({"depth_input_scale": 0.25}, (112, 56), (28, 14)),  # exact multiples of 7: no snapping
+        ({}, (64, 64), (63, 63)),  # the demo's crops (docs/spectral_inputs.md): 81 tokens
+        ({"depth_input_scale": 0.5}, (64, 64), (35, 35)),  # 32 px snapped to 35: 25 tokens
         ({"depth_input_size": 28}, (40, 24), (28, 28)),
         ({"depth_input_size": [30, 20]}, (40, 24), (28, 21)),
         ({"depth_input_size": (70, 35)}, (40, 24), (70, 35)),  # a size may also upsample
@@ -128,6 +130,17 @@ def test_half_precision_input_is_resized_in_float32(dtype):
     got = resize_for_depth(x, (7, 7), 0.5)
     want = F.interpolate(x.float(), size=(21, 14), mode="bilinear", align_corners=False, antialias=True).to(dtype)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_depth_pixel_values_are_scaled_the_same_way():
+    model = with_depth(depth_input_scale=0.5)
+    seen = depth_inputs(model)
+    rgb = torch.rand(1, 3, 56, 40)
+    with torch.no_grad():
+        model(pixel_values=torch.rand(1, 3, 32, 32), depth_pixel_values=rgb)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    want = F.interpolate((rgb - mean) / std, size=(28, 21), mode="bilinear", align_corners=False, antialias=True)
+    assert len(seen) == 1 and torch.equal(seen[0], want)
 
 
 def test_half_scale_runs_the_depth_model_on_a_quarter_of_the_tokens():
