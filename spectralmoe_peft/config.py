@@ -327,8 +327,8 @@ class SpectralMoEConfig(PeftConfig):
         if size is not None:
             self.depth_input_size = int(size) if _is_int(size) else [int(v) for v in size]
         check(size is None or self.depth_input_scale == 1.0, "depth_input_size",
-              f"and depth_input_scale={self.depth_input_scale} were both given: pass one of them (a size replaces the "
-              "scale; leave depth_input_scale at 1.0)")
+              f"cannot be combined with depth_input_scale={self.depth_input_scale}: pass one of them (a size replaces "
+              "the scale; leave depth_input_scale at 1.0)")
         for name in ("depth_image_mean", "depth_image_std"):
             value = getattr(self, name)
             check(_is_numbers(value) and len(value) == 3 and all(math.isfinite(v) for v in value), name,

@@ -203,6 +203,11 @@ def test_invalid_settings_are_refused_by_name(overrides, field):
         SpectralMoEConfig(**overrides)
 
 
+def test_a_size_and_a_scale_together_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="depth_input_size: cannot be combined with depth_input_scale=0.5: pass one"):
+        SpectralMoEConfig(depth_input_size=28, depth_input_scale=0.5)
+
+
 def test_settings_are_normalized_to_what_json_gives_back():
     assert SpectralMoEConfig(depth_input_scale=1).depth_input_scale == 1.0
     assert SpectralMoEConfig(depth_input_size=(28, 21)).depth_input_size == [28, 21]
