@@ -90,11 +90,16 @@ def weighted_aux_loss(config: SpectralMoEConfig, routed: RouterOutput) -> Tensor
     """The auxiliary loss of one stream in one block, with the config's weights (no balance term when balancing is
     aux-free)."""
     balance_weight = 0.0 if config.balancing == "aux_free" else config.balance_loss_weight
-    return (
-        balance_weight * routed.balance_loss
-        + config.switch_loss_weight * routed.switch_loss
-        + config.router_z_loss_weight * routed.z_loss
-    )
+    terms = [
+        weight * loss
+        for weight, loss in (
+            (balance_weight, routed.balance_loss),
+            (config.switch_loss_weight, routed.switch_loss),
+            (config.router_z_loss_weight, routed.z_loss),
+        )
+        if weight != 0.0  # a term with weight 0 stays out of the graph: no backward through it, no 0 * inf = NaN
+    ]
+    return sum(terms[1:], terms[0]) if terms else routed.balance_loss.new_zeros(())
 
 
 def routing_stats(routed: RouterOutput, valid: Optional[Tensor], grid: Optional[tuple[int, int]]) -> RoutingStats:
