@@ -60,7 +60,7 @@ def split_method(method: str, config: "BenchConfig") -> tuple[str, "BenchConfig"
 
 
 def known_method(method: str) -> bool:
-    base = split_method(method, TARGET)[0].removesuffix("_ckpt")
+    base = split_method(method, TARGET)[0].removesuffix("_ckpt").removesuffix("_keep")
     return base in METHODS or base in EXTRA_METHODS
 
 
@@ -117,6 +117,7 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
     fusion over N x N in D dimensions. Elementwise work (softmax, norms) is left out.
     """
     method, config = split_method(method, config)
+    method = method.removesuffix("_keep")
     b, n, d, e, k, m, r = (config.batch, config.num_patches, config.width, config.experts, config.top_k,
                            config.num_tokens, config.expert_rank)
     if method == "lora":
@@ -189,6 +190,8 @@ def build(config: BenchConfig, method: str, device, compile_options: Optional[di
     method, config = split_method(method, config)
     checkpointing = method.endswith("_ckpt")
     method = method.removesuffix("_ckpt")
+    keep = method.endswith("_keep")  # the expert attention kept for backward instead of recomputed
+    method = method.removesuffix("_keep")
 
     def vit(seed: int):
         torch.manual_seed(seed)
@@ -200,7 +203,7 @@ def build(config: BenchConfig, method: str, device, compile_options: Optional[di
     def smoe_config(**kw):
         return smoe.SpectralMoEConfig(
             num_experts=config.experts, top_k=config.top_k, expert_rank=config.expert_rank,
-            num_tokens=config.num_tokens, init_weights="paper", **kw,
+            num_tokens=config.num_tokens, init_weights="paper", recompute_expert_attention=not keep, **kw,
         )
 
     torch.manual_seed(0)
@@ -381,7 +384,7 @@ def _fmt(value, spec: str) -> str:
 def report(config: BenchConfig, results: dict[str, dict]) -> dict:
     lora = results.get("lora", {})
     rows = []
-    header = (f"{'method':<14} {'step ms':>9} {'min ms':>8} {'x LoRA':>7} {'peak MB':>9} {'x LoRA':>7} "
+    header = (f"{'method':<17} {'step ms':>9} {'min ms':>8} {'x LoRA':>7} {'peak MB':>9} {'x LoRA':>7} "
               f"{'adapter GF':>10} {'trainable':>10}")
     print(f"\n== {config.name}: image {config.image} (N={config.num_patches}), width {config.width}, "
           f"{config.blocks} blocks, batch {config.batch}, E={config.experts}, k={config.top_k}, "
@@ -391,13 +394,13 @@ def report(config: BenchConfig, results: dict[str, dict]) -> dict:
     print("-" * len(header))
     for method, result in results.items():
         if "error" in result:
-            print(f"{method:<14} ERROR {result['error']}")
+            print(f"{method:<17} ERROR {result['error']}")
             continue
         result["adapter_gflop_fwd"] = adapter_flops(config, method.removesuffix("_ckpt")) / 1e9
         if "step_ms" in lora:
             result["time_vs_lora"] = result["step_ms"] / lora["step_ms"]
             result["mem_vs_lora"] = result["peak_mem_mb"] / lora["peak_mem_mb"] if lora["peak_mem_mb"] > 0 else None
-        print(f"{method:<14} {result['step_ms']:>9.0f} {result['step_ms_min']:>8.0f} "
+        print(f"{method:<17} {result['step_ms']:>9.0f} {result['step_ms_min']:>8.0f} "
               f"{_fmt(result.get('time_vs_lora'), '>7.2f')} "
               f"{result['peak_mem_mb']:>9.0f} {_fmt(result.get('mem_vs_lora'), '>7.2f')} "
               f"{result['adapter_gflop_fwd']:>10.2f} {result['trainable_params']:>10,}")

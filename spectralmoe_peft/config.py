@@ -186,6 +186,13 @@ class SpectralMoEConfig(PeftConfig):
         default=True,
         metadata={"help": "Keep the last forward's routing statistics (small, detached) for get_routing_stats()."},
     )
+    recompute_expert_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Recompute each stream's expert attention in backward instead of keeping it (exact): less memory "
+            "for a few percent of step time. False keeps it (faster, more memory; see docs/performance.md)."
+        },
+    )
     # --- where to apply ------------------------------------------------------------------------------------------
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -257,7 +264,8 @@ class SpectralMoEConfig(PeftConfig):
             f"must be an integer in [1, num_experts={self.num_experts}]",
         )
         self.top_k = int(self.top_k)
-        for name in ("noisy_gating", "share_gates", "use_depth", "aux_loss_in_graph", "keep_routing_stats"):
+        for name in ("noisy_gating", "share_gates", "use_depth", "aux_loss_in_graph", "keep_routing_stats",
+                     "recompute_expert_attention"):
             # "no" or "off" would be truthy: refuse, not guess
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
         for name, choices in (("gating", GATING_TYPES), ("fusion", FUSION_TYPES), ("depth_source", DEPTH_SOURCES),

@@ -77,11 +77,11 @@ class Refinement(NamedTuple):
     routing: dict  # "visual" | "depth" -> RouterOutput
 
 
-def recomputed_in_backward(function, *args):
-    """``function(*args)``; in a graph, its intermediates (the expert attention, B x N x (k or E) x M) are not kept
-    for backward but recomputed there: cheap to redo, the largest thing the adapter would otherwise store. Not under
-    torch.compile, whose own memory planning decides what to keep."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+def recomputed_in_backward(recompute: bool, function, *args):
+    """``function(*args)``; with ``recompute``, in a graph, its intermediates (the expert attention,
+    B x N x (k or E) x M) are not kept for backward but recomputed there: cheap to redo, the largest thing the adapter
+    would otherwise store. Not under torch.compile, whose own memory planning decides what to keep."""
+    if recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
     return function(*args)
 
@@ -284,7 +284,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                 mix_projections = chosen_coefficients_of_projections if chosen_only else coefficients_of_projections
                 extra = (topk_indices,) if chosen_only else ()
                 return recomputed_in_backward(
-                    mix_projections, projected, a, token_to_feature.bias, combine_weights, *extra, inputs.shape[-1],
+                    config.recompute_expert_attention, mix_projections, projected, a, token_to_feature.bias, combine_weights, *extra, inputs.shape[-1],
                     dtype,
                 )
 
@@ -305,7 +305,9 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             values = expert_values(tokens, token_to_feature)  # E, M, D: shared by both streams
 
             def mix_experts(inputs: Tensor, combine_weights: Tensor, topk_indices: Tensor) -> Tensor:
-                return recomputed_in_backward(expert_mixture, inputs, tokens, values, combine_weights)
+                return recomputed_in_backward(
+                    config.recompute_expert_attention, expert_mixture, inputs, tokens, values, combine_weights
+                )
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
                 phi = fuse(visual, depth_delta, config.fusion)  # B, N, D

@@ -93,16 +93,17 @@ def test_both_expert_paths_match_reference(low_rank, with_depth, monkeypatch):
     assert chosen and all(c == low_rank for c in chosen)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("chosen_only", [True, False])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_chosen_and_all_expert_paths_match_reference(chosen_only, top_k, monkeypatch):
+def test_chosen_and_all_expert_paths_match_reference(chosen_only, top_k, recompute, monkeypatch):
     """The factored path scores every expert or only the chosen ones, by cost; force each in turn (noisy routing,
     both streams)."""
     import spectralmoe_peft.layer as layer_module
 
     chosen = []
     monkeypatch.setattr(layer_module, "use_chosen_experts", lambda *args: chosen.append(chosen_only) or chosen_only)
-    model, layer = build(top_k=top_k, gating="laplace")
+    model, layer = build(top_k=top_k, gating="laplace", recompute_expert_attention=recompute)
     compare(model, layer, with_depth=True, top_k=top_k, gating="laplace", noisy=True)
     assert chosen and all(c == chosen_only for c in chosen)
 
@@ -116,11 +117,13 @@ def test_many_experts_fuse_in_feature_space_and_match_reference(top_k):
     compare(model, layer, with_depth=True, top_k=top_k, gating="laplace", noisy=True)
 
 
-def test_expert_attention_is_recomputed_not_kept_for_backward():
-    """What backward keeps of a training forward has no (B, N, *, M) expert-attention tensor in it: the attention is
-    recomputed in backward (and the refined tokens still match the reference, above)."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_expert_attention_is_recomputed_not_kept_for_backward(recompute):
+    """With recompute_expert_attention (the default), what backward keeps of a training forward has no (B, N, *, M)
+    expert-attention tensor in it: the attention is recomputed in backward (the refined tokens still match the
+    reference, above). With it off, backward keeps the attention (the probe sees it)."""
     num_tokens = 11  # M, a size nothing else in this model has
-    model, layer = build(top_k=1, num_tokens=num_tokens)
+    model, layer = build(top_k=1, num_tokens=num_tokens, recompute_expert_attention=recompute)
     model.train()
     feats = torch.randn(B, N, HIDDEN, dtype=torch.float64, requires_grad=True)
     depth = torch.randn(B, N, HIDDEN, dtype=torch.float64, requires_grad=True)
@@ -134,7 +137,10 @@ def test_expert_attention_is_recomputed_not_kept_for_backward():
         out = layer.refine_patch_tokens(feats, depth, "default")
     assert saved, "nothing was saved for backward: the probe is broken"
     per_token = [shape for shape in saved if len(shape) >= 3 and shape[:2] == (B, N) and shape[-1] == num_tokens]
-    assert not per_token, f"expert attention kept for backward: {per_token}"
+    if recompute:
+        assert not per_token, f"expert attention kept for backward: {per_token}"
+    else:
+        assert per_token, "the probe does not see the expert attention it should find kept"
     out.sum().backward()  # and backward still works (recomputing it)
     assert layer.spectralmoe_A["default"].grad is not None
 
