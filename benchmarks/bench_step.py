@@ -60,7 +60,7 @@ def split_method(method: str, config: "BenchConfig") -> tuple[str, "BenchConfig"
 
 
 def known_method(method: str) -> bool:
-    base = split_method(method, TARGET)[0].removesuffix("_ckpt").removesuffix("_keep")
+    base = split_method(method, TARGET)[0].removesuffix("_ckpt").removesuffix("_recompute")
     return base in METHODS or base in EXTRA_METHODS
 
 
@@ -117,7 +117,7 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
     fusion over N x N in D dimensions. Elementwise work (softmax, norms) is left out.
     """
     method, config = split_method(method, config)
-    method = method.removesuffix("_keep")
+    method = method.removesuffix("_recompute")
     b, n, d, e, k, m, r = (config.batch, config.num_patches, config.width, config.experts, config.top_k,
                            config.num_tokens, config.expert_rank)
     if method == "lora":
@@ -190,8 +190,8 @@ def build(config: BenchConfig, method: str, device, compile_options: Optional[di
     method, config = split_method(method, config)
     checkpointing = method.endswith("_ckpt")
     method = method.removesuffix("_ckpt")
-    keep = method.endswith("_keep")  # the expert attention kept for backward instead of recomputed
-    method = method.removesuffix("_keep")
+    recompute = method.endswith("_recompute")  # recompute_expert_attention=True (default: kept for backward)
+    method = method.removesuffix("_recompute")
 
     def vit(seed: int):
         torch.manual_seed(seed)
@@ -203,7 +203,7 @@ def build(config: BenchConfig, method: str, device, compile_options: Optional[di
     def smoe_config(**kw):
         return smoe.SpectralMoEConfig(
             num_experts=config.experts, top_k=config.top_k, expert_rank=config.expert_rank,
-            num_tokens=config.num_tokens, init_weights="paper", recompute_expert_attention=not keep, **kw,
+            num_tokens=config.num_tokens, init_weights="paper", recompute_expert_attention=recompute, **kw,
         )
 
     torch.manual_seed(0)

@@ -187,10 +187,10 @@ class SpectralMoEConfig(PeftConfig):
         metadata={"help": "Keep the last forward's routing statistics (small, detached) for get_routing_stats()."},
     )
     recompute_expert_attention: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Recompute each stream's expert attention in backward instead of keeping it (exact): less memory "
-            "for a few percent of step time. False keeps it (faster, more memory; see docs/performance.md)."
+            "help": "Recompute each stream's expert attention in backward instead of keeping it for backward (exact): "
+            "less memory for a few percent of step time (see docs/performance.md)."
         },
     )
     # --- where to apply ------------------------------------------------------------------------------------------
