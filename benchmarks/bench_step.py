@@ -384,7 +384,7 @@ def _fmt(value, spec: str) -> str:
 def report(config: BenchConfig, results: dict[str, dict]) -> dict:
     lora = results.get("lora", {})
     rows = []
-    header = (f"{'method':<17} {'step ms':>9} {'min ms':>8} {'x LoRA':>7} {'peak MB':>9} {'x LoRA':>7} "
+    header = (f"{'method':<22} {'step ms':>9} {'min ms':>8} {'x LoRA':>7} {'peak MB':>9} {'x LoRA':>7} "
               f"{'adapter GF':>10} {'trainable':>10}")
     print(f"\n== {config.name}: image {config.image} (N={config.num_patches}), width {config.width}, "
           f"{config.blocks} blocks, batch {config.batch}, E={config.experts}, k={config.top_k}, "
@@ -394,13 +394,13 @@ def report(config: BenchConfig, results: dict[str, dict]) -> dict:
     print("-" * len(header))
     for method, result in results.items():
         if "error" in result:
-            print(f"{method:<17} ERROR {result['error']}")
+            print(f"{method:<22} ERROR {result['error']}")
             continue
         result["adapter_gflop_fwd"] = adapter_flops(config, method.removesuffix("_ckpt")) / 1e9
         if "step_ms" in lora:
             result["time_vs_lora"] = result["step_ms"] / lora["step_ms"]
             result["mem_vs_lora"] = result["peak_mem_mb"] / lora["peak_mem_mb"] if lora["peak_mem_mb"] > 0 else None
-        print(f"{method:<17} {result['step_ms']:>9.0f} {result['step_ms_min']:>8.0f} "
+        print(f"{method:<22} {result['step_ms']:>9.0f} {result['step_ms_min']:>8.0f} "
               f"{_fmt(result.get('time_vs_lora'), '>7.2f')} "
               f"{result['peak_mem_mb']:>9.0f} {_fmt(result.get('mem_vs_lora'), '>7.2f')} "
               f"{result['adapter_gflop_fwd']:>10.2f} {result['trainable_params']:>10,}")
