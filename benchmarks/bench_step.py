@@ -136,9 +136,12 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
         return config.blocks * (tables + streams * (gates + experts) + fusion + update)
     width = e * r + 1
     tables = 2 * e * r * d * d + (2 * width * width * d if streams == 2 else 0)
-    # x B^T for all experts; then scores and mixing, for all E experts or (one-hot masks in the E r rank space) for
-    # the k chosen ones: the same matmul FLOPs when k = 1 (the chosen path saves elementwise work and memory)
-    chosen_only = k * (m + e * r) < e * m
+    # x B^T for all experts; then scores and mixing, for all E experts or (one-hot masks in the E r rank space) once
+    # per chosen slot: the same matmul FLOPs when k = 1 (the chosen path saves elementwise work and memory)
+    sys.path.insert(0, ROOT)
+    from spectralmoe_peft.experts import use_chosen_experts
+
+    chosen_only = use_chosen_experts(e, k, m, r)
     experts = 2 * t * e * r * d + (k if chosen_only else 1) * (2 * t * e * m * r + 2 * t * e * m * r)
     fusion = (2 * t * width * width + 4 * b * n * n * width) if streams == 2 else 0
     projection = 2 * t * width * d

@@ -76,6 +76,11 @@ def resize_to_patch_multiple(images: Tensor, patch_size: tuple[int, int]) -> Ten
     return F.interpolate(images, size=target, mode="bilinear", align_corners=False)
 
 
+def _round_up(value: float, digits: int = 3) -> float:
+    """``value`` rounded up to ``digits`` decimals: a suggested minimum scale that, as printed, still works."""
+    return math.ceil(value * 10**digits) / 10**digits
+
+
 def resize_for_depth(
     images: Tensor,
     patch_size: tuple[int, int],
@@ -93,7 +98,7 @@ def resize_for_depth(
         wanted, name = (height * scale, width * scale), f"depth_input_scale={scale}"
     if wanted[0] < patch_size[0] or wanted[1] < patch_size[1]:
         fix = (
-            f"use depth_input_scale >= {max(patch_size[0] / height, patch_size[1] / width):.3g} for this input "
+            f"use depth_input_scale >= {_round_up(max(patch_size[0] / height, patch_size[1] / width))} for this input "
             "(1.0, the default, keeps full resolution)"
             if size is None
             else f"use a size of at least {patch_size[0]}x{patch_size[1]} px (None: the input's own size)"

@@ -94,11 +94,20 @@ def expert_basis(value_factors: Tensor, bias: Tensor | None) -> Tensor:
     return basis if bias is None else torch.cat([basis, bias.to(basis.dtype).unsqueeze(0)], dim=0)
 
 
+# what one elementwise op (with its backward, memory-bound) costs next to one multiply-add of a matmul, on a CPU; a
+# rough weight for the choice below, not a measurement of any one machine
+_ELEMENTWISE_COST = 16
+
+
 def use_chosen_experts(num_experts: int, top_k: int, num_tokens: int, rank: int) -> bool:
-    """Per token, scoring every expert costs ~E*M elementwise work (softmax, weights, their gradients, what backward
-    keeps); scoring only the k chosen experts costs ~k*(M + E*r) (the one-hot masks live in the E*r rank space).
-    Both do the same matmul FLOPs. Take the cheaper."""
-    return top_k * (num_tokens + num_experts * rank) < num_experts * num_tokens
+    """Per token, scoring every expert costs E*r*M multiply-adds twice (scores, mixing) and ~E*M elementwise work
+    (softmax, weights, their gradients, what backward keeps); scoring the k chosen ones costs k times those matmuls
+    (one masked matmul per chosen slot) and ~k*(M + E*r) elementwise work (the one-hot masks live in the E*r rank
+    space). Take the cheaper: the chosen path for top_k = 1, the all-expert one as k grows."""
+    matmul = 2 * num_experts * rank * num_tokens
+    every = matmul + _ELEMENTWISE_COST * num_experts * num_tokens
+    chosen = top_k * (matmul + _ELEMENTWISE_COST * (num_tokens + num_experts * rank))
+    return chosen < every
 
 
 def chosen_expert_coefficients(

@@ -99,7 +99,11 @@ def weighted_aux_loss(config: SpectralMoEConfig, routed: RouterOutput) -> Tensor
         )
         if weight != 0.0  # a term with weight 0 stays out of the graph: no backward through it, no 0 * inf = NaN
     ]
-    return sum(terms[1:], terms[0]) if terms else routed.balance_loss.new_zeros(())
+    if terms:
+        return sum(terms[1:], terms[0])
+    # nothing weighted: a zero, still connected to the router's graph when the user adds it to the loss themselves
+    # (aux_loss_in_graph=False), so get_aux_loss().backward() works as it did
+    return routed.balance_loss.new_zeros(()) if config.aux_loss_in_graph else (routed.probs * 0.0).sum()
 
 
 def routing_stats(routed: RouterOutput, valid: Optional[Tensor], grid: Optional[tuple[int, int]]) -> RoutingStats:
@@ -284,8 +288,8 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                 mix_projections = chosen_coefficients_of_projections if chosen_only else coefficients_of_projections
                 extra = (topk_indices,) if chosen_only else ()
                 return recomputed_in_backward(
-                    config.recompute_expert_attention, mix_projections, projected, a, token_to_feature.bias, combine_weights, *extra, inputs.shape[-1],
-                    dtype,
+                    config.recompute_expert_attention, mix_projections, projected, a, token_to_feature.bias,
+                    combine_weights, *extra, inputs.shape[-1], dtype,
                 )
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
@@ -293,7 +297,7 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
                     # E*r + 1 > D (many experts): attending in the D-wide feature space is the cheaper
                     phi = fuse(visual @ basis, depth_delta @ basis, config.fusion)  # B, N, D
                     return scale * delta(phi + x)
-                coefficients = fused_coefficients(visual, depth_delta, basis, config.fusion)  # Phi = coefficients @ basis
+                coefficients = fused_coefficients(visual, depth_delta, basis, config.fusion)  # Phi = coeffs @ basis
                 # s W_delta(Phi + x) = x (s W)^T + s b + coefficients (s basis W^T): no (B, N, D) Phi or Phi + x is
                 # formed, so backward keeps the K-wide coefficients instead of two D-wide tensors
                 value_rows = basis @ delta.weight.t()  # K, D

@@ -370,8 +370,9 @@ class SpectralMoEShared(nn.Module, BaseTunerLayer):
 
     def compute_depth_hidden_states(self, pixel_values: Tensor, adapter_name: Optional[str] = None) -> tuple:
         """Exactly the depth features an adapter computes on the fly (its bands, rescale, normalization, input scale or
-        size, resize, the depth model's encoder), as (B, C, h, w) grids per depth layer: cache them per tile and pass them back as
-        ``model(pixel_values=x, depth_hidden_states=cached)`` to skip the depth model. Needs an attached depth model.
+        size, resize, the depth model's encoder), as (B, C, h, w) grids per depth layer: cache them per tile and pass
+        them back as ``model(pixel_values=x, depth_hidden_states=cached)`` to skip the depth model. Needs an attached
+        depth model.
         """
         name = adapter_name or self.active_adapters[0]
         if name not in self.spectralmoe_configs:

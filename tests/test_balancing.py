@@ -127,3 +127,14 @@ def test_checkpoint_recomputation_routes_with_the_bias_its_forward_used(balancin
     assert set(plain) == set(checkpointed)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [{"balancing": "aux_free"}, {"balance_loss_weight": 0.0}])
+def test_an_unweighted_aux_loss_keeps_its_graph_when_the_user_adds_it(overrides):
+    """Terms with weight 0 stay out of the graph; with aux_loss_in_graph=False, get_aux_loss() is still a tensor with
+    a graph (a zero), so code that calls .backward() on it on its own keeps working."""
+    model = get_peft_model(make_model(), config(aux_loss_in_graph=False, use_depth=False, **overrides)).train()
+    model(pixel_values=torch.rand(2, 3, 32, 32))
+    aux = model.get_aux_loss()
+    assert aux.requires_grad and float(aux) == 0.0
+    aux.backward()  # no error; nothing to learn from a zero

@@ -231,6 +231,20 @@ def test_a_depth_input_smaller_than_one_patch_is_refused_at_forward_time_by_name
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("side", [30, 32, 36])
+def test_the_suggested_smallest_scale_works(side):
+    """The refusal's suggested scale, as printed, is rounded up: using it runs (7 / 36 = 0.19444 -> 0.195, not 0.194)."""
+    import re
+
+    with pytest.raises(ValueError) as refused:
+        with_depth(depth_input_scale=0.1)(pixel_values=torch.rand(1, 3, side, side))
+    suggested = float(re.search(r"use depth_input_scale >= ([0-9.]+)", str(refused.value)).group(1))
+    assert suggested * side >= 7
+    with torch.no_grad():
+        out = with_depth(depth_input_scale=suggested)(pixel_values=torch.rand(1, 3, side, side)).last_hidden_state
+    assert torch.isfinite(out).all()
+
+
 def test_save_and_load_keep_the_setting(tmp_path):
     x = torch.rand(2, 3, 56, 40)
     for name, overrides in (("scaled", {"depth_input_scale": 0.5}), ("sized", {"depth_input_size": (28, 21)})):

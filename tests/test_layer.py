@@ -119,7 +119,7 @@ def test_many_experts_fuse_in_feature_space_and_match_reference(top_k):
 
 @pytest.mark.parametrize("recompute", [True, False])
 def test_expert_attention_is_recomputed_not_kept_for_backward(recompute):
-    """With recompute_expert_attention (the default), what backward keeps of a training forward has no (B, N, *, M)
+    """With recompute_expert_attention=True, what backward keeps of a training forward has no (B, N, *, M)
     expert-attention tensor in it: the attention is recomputed in backward (the refined tokens still match the
     reference, above). With it off, backward keeps the attention (the probe sees it)."""
     num_tokens = 11  # M, a size nothing else in this model has
