@@ -35,7 +35,7 @@ from dataclasses import asdict
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
-from bench_step import QUICK, TARGET, BenchConfig, _setup, _subprocess, build
+from bench_step import QUICK, TARGET, BenchConfig, _setup, _subprocess, build, write_results
 
 METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_cached", "naive_full")
 DEFAULT_METHODS = ("lora", "smoe_visual", "smoe_full")
@@ -173,11 +173,7 @@ def main(argv=None) -> None:
            "mode": args.mode, "torch": torch.__version__,
            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "config": asdict(config), "results": results}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"{name}.json")
-    with open(path, "w") as file:
-        json.dump(out, file, indent=2)
-    print(f"\nwrote {os.path.relpath(path, ROOT)}")
+    write_results(out, name)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ Median of ``--repeats`` timed calls after one untimed call; a table and JSON in 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_step import write_results  # noqa: E402  (imports no torch at module level)
 
 
 def _median_ms(function, repeats: int) -> float:
@@ -105,11 +107,7 @@ def main(argv=None) -> None:
     out = {"threads": args.threads, "size": size, "repeats": repeats, "torch": torch.__version__,
            "load_average": os.getloadavg()[0], "results": results}
     name = args.name or ("expert_parts_quick" if args.quick else "expert_parts_cpu")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"{name}.json")
-    with open(path, "w") as file:
-        json.dump(out, file, indent=2)
-    print(f"wrote {os.path.relpath(path, os.path.dirname(HERE))}")
+    write_results(out, name)
 
 
 if __name__ == "__main__":

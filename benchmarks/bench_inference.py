@@ -54,7 +54,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 from bench_step import QUICK as QUICK_BACKBONE
-from bench_step import TARGET, BenchConfig, _setup, _subprocess, backbone_flops, memory_peak, memory_start
+from bench_step import (
+    TARGET, BenchConfig, _setup, _subprocess, backbone_flops, memory_peak, memory_start, write_results,
+)
 
 METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_full_half", "naive_full")
 RGB = [2, 1, 0]  # R, G, B among the scene's bands (Sentinel-2 order B02, B03, B04, ...)
@@ -381,11 +383,7 @@ def main(argv=None) -> None:
     out = {"device": args.device, "threads": args.threads, "rounds": rounds, "torch": torch.__version__,
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **report(config, results),
            "load_average_end": os.getloadavg()[0]}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"{name}.json")
-    with open(path, "w") as file:
-        json.dump(out, file, indent=2)
-    print(f"\nwrote {os.path.relpath(path, ROOT)}")
+    write_results(out, name)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # the checkout's package, also when run from elsewhere
 METHODS = ("lora", "smoe_visual", "smoe_full", "smoe_cached", "naive_full")
 # --checkpointing: the same step with transformers' gradient checkpointing on the ViT (blocks and, for SpectralMoE, the
 # refinement recomputed in backward)
@@ -138,8 +140,7 @@ def adapter_flops(config: BenchConfig, method: str, noisy: bool = True) -> int:
     tables = 2 * e * r * d * d + (2 * width * width * d if streams == 2 else 0)
     # x B^T for all experts; then scores and mixing, for all E experts or (one-hot masks in the E r rank space) once
     # per chosen slot: the same matmul FLOPs when k = 1 (the chosen path saves elementwise work and memory)
-    sys.path.insert(0, ROOT)
-    from spectralmoe_peft.experts import use_chosen_experts
+    from spectralmoe_peft.experts import use_chosen_experts  # ROOT is on sys.path (top of this file)
 
     chosen_only = use_chosen_experts(e, k, m, r)
     experts = 2 * t * e * r * d + (k if chosen_only else 1) * (2 * t * e * m * r + 2 * t * e * m * r)
@@ -380,6 +381,16 @@ def run_config(config: BenchConfig, methods: list[str], args) -> dict[str, dict]
 # --- the driver ----------------------------------------------------------------------------------------------------
 
 
+def write_results(out: dict, name: str) -> str:
+    """Write a run's record to benchmarks/results/<name>.json and say where (every benchmark script ends with it)."""
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"{name}.json")
+    with open(path, "w") as file:
+        json.dump(out, file, indent=2)
+    print(f"\nwrote {os.path.relpath(path, ROOT)}")
+    return path
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -492,11 +503,7 @@ def main(argv=None) -> None:
         results = run_config(config, methods, args)
         out["configs"].append(report(config, results))
     out["load_average_end"] = os.getloadavg()[0]
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"{name}.json")
-    with open(path, "w") as file:
-        json.dump(out, file, indent=2)
-    print(f"\nwrote {os.path.relpath(path, ROOT)}")
+    write_results(out, name)
 
 
 if __name__ == "__main__":

@@ -281,15 +281,15 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             basis = expert_basis(expert_value_factors(b, token_to_feature), token_to_feature.bias)  # E*r+1, D
             chosen_only = use_chosen_experts(a.shape[0], config.top_k, a.shape[1], a.shape[2])
 
-            def mix_experts(inputs: Tensor, combine_weights: Tensor, topk_indices: Tensor) -> Tensor:
+            def mix(inputs: Tensor, routed: RouterOutput) -> Tensor:
                 # x B_e^T computed once, outside the recomputed part: backward keeps it (E*r wide) and redoes only
                 # the expert attention
                 projected = expert_projections(inputs, b)  # B, N, E, r
                 mix_projections = chosen_coefficients_of_projections if chosen_only else coefficients_of_projections
-                extra = (topk_indices,) if chosen_only else ()
+                extra = (routed.topk_indices,) if chosen_only else ()
                 return recomputed_in_backward(
                     config.recompute_expert_attention, mix_projections, projected, a, token_to_feature.bias,
-                    combine_weights, *extra, inputs.shape[-1], dtype,
+                    routed.combine_weights, *extra, inputs.shape[-1], dtype,
                 )
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
@@ -308,17 +308,14 @@ class SpectralMoELayer(nn.Module, BaseTunerLayer):
             tokens = expert_tokens(a, b)  # E, M, D
             values = expert_values(tokens, token_to_feature)  # E, M, D: shared by both streams
 
-            def mix_experts(inputs: Tensor, combine_weights: Tensor, topk_indices: Tensor) -> Tensor:
+            def mix(inputs: Tensor, routed: RouterOutput) -> Tensor:
                 return recomputed_in_backward(
-                    config.recompute_expert_attention, expert_mixture, inputs, tokens, values, combine_weights
+                    config.recompute_expert_attention, expert_mixture, inputs, tokens, values, routed.combine_weights
                 )
 
             def combine(visual: Tensor, depth_delta: Optional[Tensor]) -> Tensor:
                 phi = fuse(visual, depth_delta, config.fusion)  # B, N, D
                 return scale * delta(phi + x)
-
-        def mix(inputs: Tensor, routed: RouterOutput) -> Tensor:
-            return mix_experts(inputs, routed.combine_weights, routed.topk_indices)
 
         if valid is not None and tuple(valid.shape) != tuple(feats.shape[:2]):
             valid = None
