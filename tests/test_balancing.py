@@ -138,3 +138,17 @@ def test_an_unweighted_aux_loss_keeps_its_graph_when_the_user_adds_it(overrides)
     aux = model.get_aux_loss()
     assert aux.requires_grad and float(aux) == 0.0
     aux.backward()  # no error; nothing to learn from a zero
+
+
+def test_terms_with_weight_zero_stay_out_of_the_aux_loss():
+    """docs/performance.md: a balance term with weight 0 is left out, not multiplied by 0 (no backward through it, and
+    an overflowing z-loss cannot turn the sum into 0 * inf = NaN)."""
+    from spectralmoe_peft.layer import weighted_aux_loss
+    from spectralmoe_peft.routing import route
+
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    routed = route(x, torch.randn(3, 8), None, top_k=1, gating="softmax", noisy=False)
+    overflowing = routed._replace(z_loss=torch.tensor(float("inf")), switch_loss=torch.tensor(float("nan")))
+    aux = weighted_aux_loss(config(switch_loss_weight=0.0, router_z_loss_weight=0.0), overflowing)
+    torch.testing.assert_close(aux, config().balance_loss_weight * routed.balance_loss)
+    assert torch.isnan(weighted_aux_loss(config(router_z_loss_weight=1e-3, switch_loss_weight=1.0), overflowing))
